@@ -1,0 +1,23 @@
+# The commands a user types; each sets up the virtual environment in .venv first.
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: venv test lint clean
+
+$(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-train.txt
+	$(VENV)/bin/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(PYTHON) -m ruff check .
+
+test: lint
+	$(PYTHON) -m pytest
+
+clean:
+	rm -rf $(VENV) work .pytest_cache
