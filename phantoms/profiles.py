@@ -59,13 +59,15 @@ class SiteProfile:
     min_radius_mm: float = 0.22
     """Branches thinner than this are not visible and are not grown."""
     length_factor: tuple[float, float] = (8.0, 18.0)
-    """Branch length as a multiple of its radius (uniform range)."""
+    """Range of the branch-length factor f: length = f * r_trunk^0.7 * r^0.3 voxels,
+    shortened in small crops (see phantoms.tree.branch_length)."""
     tortuosity: float = 1.0
     """Scales the random curvature of the centrelines."""
     side_branch_rate: float = 0.5
     """Expected side branches per 10 radii of a parent's length."""
     aneurysm_rate: float = 1.0
-    """Expected number of saccular aneurysms per case (at least one when > 0.5)."""
+    """Expected number of saccular aneurysms per case (at least one when >= 0.5, where a
+    large bifurcation has room for it)."""
 
     def replace(self, **changes: object) -> SiteProfile:
         """Return a copy with some fields changed."""
@@ -75,17 +77,52 @@ class SiteProfile:
 DEFAULT_PROFILE = SiteProfile()
 
 SITE_PROFILES: tuple[SiteProfile, ...] = (
-    SiteProfile(name="site-a-lownoise", noise_hu=15.0, psf_sigma_mm=0.16, vessel_hu=1150.0,
-                bone_amount=0.9, min_radius_mm=0.2, side_branch_rate=0.7),
-    SiteProfile(name="site-b-noisy-dense-bone", noise_hu=45.0, noise_signal_gain=2.0,
-                psf_sigma_mm=0.22, vessel_hu=850.0, cortical_hu=1400.0, diploe_hu=650.0,
-                bone_amount=1.35, streak_hu=90.0, trunk_radius_mm=1.9, min_radius_mm=0.25),
-    SiteProfile(name="site-c-small-fov", noise_hu=28.0, psf_sigma_mm=0.2, vessel_hu=1000.0,
-                fov_radius=0.92, bone_amount=1.0, length_factor=(10.0, 22.0),
-                tortuosity=1.4, side_branch_rate=0.35),
-    SiteProfile(name="site-d-weak-contrast", noise_hu=35.0, psf_sigma_mm=0.25, vessel_hu=700.0,
-                contrast_jitter=0.15, cortical_hu=1100.0, diploe_hu=500.0, bone_amount=1.15,
-                min_radius_mm=0.28, side_branch_rate=0.3, streak_hu=50.0),
+    SiteProfile(
+        name="site-a-lownoise",
+        noise_hu=15.0,
+        psf_sigma_mm=0.16,
+        vessel_hu=1150.0,
+        bone_amount=0.9,
+        min_radius_mm=0.2,
+        side_branch_rate=0.7,
+    ),
+    SiteProfile(
+        name="site-b-noisy-dense-bone",
+        noise_hu=45.0,
+        noise_signal_gain=2.0,
+        psf_sigma_mm=0.22,
+        vessel_hu=850.0,
+        cortical_hu=1400.0,
+        diploe_hu=650.0,
+        bone_amount=1.35,
+        streak_hu=160.0,
+        trunk_radius_mm=1.9,
+        min_radius_mm=0.25,
+    ),
+    SiteProfile(
+        name="site-c-small-fov",
+        noise_hu=28.0,
+        psf_sigma_mm=0.2,
+        vessel_hu=1000.0,
+        fov_radius=0.92,
+        bone_amount=1.0,
+        length_factor=(10.0, 22.0),
+        tortuosity=1.4,
+        side_branch_rate=0.35,
+    ),
+    SiteProfile(
+        name="site-d-weak-contrast",
+        noise_hu=35.0,
+        psf_sigma_mm=0.25,
+        vessel_hu=700.0,
+        contrast_jitter=0.15,
+        cortical_hu=1100.0,
+        diploe_hu=500.0,
+        bone_amount=1.15,
+        min_radius_mm=0.28,
+        side_branch_rate=0.3,
+        streak_hu=80.0,
+    ),
 )
 """Four distinct acquisition settings; `site_profile` cycles through them."""
 

@@ -1,0 +1,162 @@
+"""Write phantoms as nnU-Net raw datasets, one per simulated site.
+
+Layout "nnunet" (nnU-Net v2 raw format, the default)::
+
+    OUT/                      without sites      OUT/site1/, OUT/site2/, ...  with sites
+        dataset.json
+        imagesTr/case_000_0000.nii.gz            imagesTr/site1_000_0000.nii.gz
+        labelsTr/case_000.nii.gz                 labelsTr/site1_000.nii.gz
+
+Layout "challenge" (what a SHINY-ICARUS container reads, plus the reference masks)::
+
+    OUT/input/case_000_0000.nii.gz
+    OUT/ground_truth/case_000.nii.gz
+
+Every case's seed derives from (seed, site, case index) only, so a case can be regenerated
+alone and adding sites or cases never changes the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from phantoms.generator import check_shape, generate_case
+from phantoms.profiles import DEFAULT_PROFILE, SiteProfile, site_profile
+
+CHANNEL_NAMES = {"0": "3DRA"}
+LABELS = {"background": 0, "vessel": 1}
+FILE_ENDING = ".nii.gz"
+
+
+def case_seed(seed: int, site: int, index: int) -> int:
+    """Seed of one case: the first 32-bit word of SeedSequence([seed, site, index]).
+
+    `site` is 0 for a dataset without sites, k >= 1 for site k.
+    """
+    return int(np.random.SeedSequence([seed, site, index]).generate_state(1)[0])
+
+
+def case_name(site: int, index: int) -> str:
+    """`case_000` without sites, `site3_000` for the first case of site 3."""
+    return f"{'case' if site == 0 else f'site{site}'}_{index:03d}"
+
+
+def write_image(image: sitk.Image, path: Path) -> None:
+    """Write a compressed image atomically: to a temporary name, then rename."""
+    tmp = path.with_name(f".{path.name[: -len(FILE_ENDING)]}.tmp{FILE_ENDING}")
+    sitk.WriteImage(image, str(tmp), useCompression=True)
+    os.replace(tmp, path)
+
+
+def dataset_json(
+    name: str,
+    n_cases: int,
+    profile: SiteProfile,
+    shape: tuple[int, int, int],
+    spacing: float,
+    seeds: dict[str, int],
+    site: int,
+) -> dict:
+    """nnU-Net v2 `dataset.json`, plus a `phantom` block recording how it was made."""
+    return {
+        "name": name,
+        "description": (
+            "Synthetic 3D rotational angiography of the internal carotid artery tree with "
+            "exact lumen labels (phantoms package)"
+            + (f", site {site} ({profile.name})" if site else "")
+        ),
+        "reference": "synthetic, no patient data",
+        "licence": "CC0-1.0",
+        "channel_names": CHANNEL_NAMES,
+        "labels": LABELS,
+        "numTraining": n_cases,
+        "file_ending": FILE_ENDING,
+        "phantom": {
+            "site": site or None,
+            "shape_zyx": list(shape),
+            "spacing_mm": spacing,
+            "case_seeds": seeds,
+            "profile": dataclasses.asdict(profile),
+        },
+    }
+
+
+LAYOUT_FOLDERS = {"nnunet": ("imagesTr", "labelsTr"), "challenge": ("input", "ground_truth")}
+
+
+def _write_one_dataset(
+    root: Path,
+    names: list[str],
+    seeds: list[int],
+    shape: tuple[int, int, int],
+    site: int,
+    profile: SiteProfile,
+    spacing: float,
+    layout: str,
+) -> Path:
+    images, labels = (root / folder for folder in LAYOUT_FOLDERS[layout])
+    planned = {f"{n}_0000{FILE_ENDING}" for n in names} | {f"{n}{FILE_ENDING}" for n in names}
+    for folder in (images, labels):
+        stray = sorted(p.name for p in folder.glob(f"*{FILE_ENDING}") if p.name not in planned)
+        if stray:  # they would break numTraining and pair with nothing of this run
+            raise ValueError(f"{folder}: holds other cases ({stray[0]}, ...); use an empty folder")
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for name, case in zip(names, seeds, strict=True):
+        image, label = generate_case(shape, case, spacing, profile)
+        write_image(image, images / f"{name}_0000{FILE_ENDING}")
+        write_image(label, labels / f"{name}{FILE_ENDING}")
+    if layout == "nnunet":
+        title = "Phantom3DRA" + (f"_site{site}" if site else "")
+        seed_map = dict(zip(names, seeds, strict=True))
+        meta = dataset_json(title, len(names), profile, shape, spacing, seed_map, site)
+        (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return root
+
+
+def write_dataset(
+    out_dir: str | Path,
+    cases: int,
+    shape: tuple[int, int, int] = (128, 128, 128),
+    seed: int = 0,
+    sites: int | None = None,
+    *,
+    spacing: float = 0.227,
+    profile: SiteProfile | None = None,
+    layout: str = "nnunet",
+    name: str | None = None,
+) -> list[Path]:
+    """Write `cases` phantoms (per site) and return the dataset roots.
+
+    Without `sites`: one dataset in `out_dir`, cases `case_000...`, made with `profile`
+    (default: the reference profile). With `sites=K`: datasets `out_dir/site1 ... siteK`,
+    cases `site<k>_000...`, site k made with `site_profile(k, seed)`. `layout` is "nnunet"
+    (imagesTr/labelsTr/dataset.json) or "challenge" (input/ground_truth). `name` renames
+    the single case of a single dataset (e.g. the bundled sample); its seed is unchanged.
+    """
+    if cases < 1:
+        raise ValueError(f"cases must be >= 1, got {cases}")
+    if sites is not None and sites < 1:
+        raise ValueError(f"sites must be >= 1, got {sites}")
+    if layout not in LAYOUT_FOLDERS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUT_FOLDERS)}, got {layout!r}")
+    if name is not None and (cases != 1 or sites is not None or not name.isidentifier()):
+        raise ValueError(f"name {name!r} needs --cases 1, no sites, and letters/digits/_ only")
+    shape = check_shape(tuple(shape))
+    out = Path(out_dir)
+    roots = []
+    for site in range(1, sites + 1) if sites else [0]:
+        root = out / f"site{site}" if site else out
+        site_prof = site_profile(site, seed) if site else profile or DEFAULT_PROFILE
+        names = [name] if name else [case_name(site, i) for i in range(cases)]
+        seeds = [case_seed(seed, site, i) for i in range(cases)]
+        roots.append(
+            _write_one_dataset(root, names, seeds, shape, site, site_prof, spacing, layout)
+        )
+    return roots
