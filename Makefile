@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint clean
+.PHONY: venv test lint sample bench-phantoms bench-metrics clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,15 @@ lint: venv
 
 test: lint
 	$(PYTHON) -m pytest
+
+sample: venv
+	$(PYTHON) -m phantoms --out test/sample --cases 1 --size 128 128 128 --seed 2026 --layout challenge --name sample
+
+bench-phantoms: venv
+	$(PYTHON) bench/bench_phantoms.py
+
+bench-metrics: venv
+	$(PYTHON) bench/bench_metrics.py
 
 clean:
 	rm -rf $(VENV) work .pytest_cache
