@@ -1,0 +1,133 @@
+"""Where the network runs: choosing the device and the backend, and what every backend does.
+
+A backend turns a normalised volume (already padded to at least one patch) and a
+:class:`~inference.sliding_window.WindowPlan` into the folds' mean vessel probability, stitched
+with Gaussian importance. Two implementations:
+
+- :class:`~inference.torch_backend.TorchBackend`: PyTorch on CUDA (bf16/fp16 autocast,
+  channels-last 3D, everything on the GPU) or, as the fallback, eager fp32 on the CPU;
+- :class:`~inference.openvino_backend.OpenVINOBackend`: the network compiled by OpenVINO for the
+  CPU (bf16 where the CPU has it), asynchronous requests overlapping stitching with compute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.sliding_window import WindowPlan
+
+DEVICES = ("auto", "cuda", "cpu")
+IR_FOLDER = "openvino"  # prepared OpenVINO models inside a weights folder
+BACKENDS = ("auto", "torch", "openvino")
+
+Progress = Callable[[int], None]
+
+
+class BackendError(RuntimeError):
+    """A device or backend that cannot be used here; one line saying why."""
+
+
+class Backend(Protocol):
+    name: str  # "torch" or "openvino"
+    device: str  # e.g. "cpu (2 threads)" or "cuda:0 (NVIDIA H100)"
+    precision: str  # arithmetic of the network passes, e.g. "bf16"
+
+    def predict(
+        self,
+        volume: np.ndarray,
+        plan: WindowPlan,
+        mirrors: Sequence[tuple[int, ...]],
+        progress: Progress | None = None,
+    ) -> np.ndarray:
+        """Mean vessel probability of all folds (and mirrors), float32, ``volume``'s shape."""
+        ...
+
+
+class VesselProbability(nn.Module):
+    """The network followed by its vessel probability ``softmax(logits)[:, 1]``, computed as
+    ``sigmoid(l_1 - l_0)`` (equal for two classes): output ``(N, Z, Y, X)``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.net(x).float()  # under autocast: the difference in fp32, not bf16
+        return torch.sigmoid(logits[:, 1] - logits[:, 0])
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (``docker --cpus``)."""
+    count = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        return count
+    if quota != "max":
+        count = min(count, max(1, math.floor(int(quota) / int(period))))
+    return count
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device answers, else ``cpu``."""
+    if device not in DEVICES:
+        raise BackendError(f"unknown device {device!r}; choose one of {DEVICES}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda: no CUDA device is available (try --device cpu)")
+    return device
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` -> torch on CUDA, OpenVINO on the CPU (eager torch when OpenVINO is missing)."""
+    if backend not in BACKENDS:
+        raise BackendError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        return "openvino" if device == "cpu" and openvino_available() else "torch"
+    if backend == "openvino":
+        if device != "cpu":
+            raise BackendError("--backend openvino runs on the CPU only (use --device cpu)")
+        if not openvino_available():
+            raise BackendError("--backend openvino: the openvino package is not installed")
+    return backend
+
+
+def create_backend(
+    nets: Sequence[nn.Module],
+    fold_hashes: Sequence[str],
+    patch: tuple[int, int, int],
+    device: str = "auto",
+    backend: str = "auto",
+    ir_dirs: Sequence[Path] = (),
+    batch_size: int | None = None,
+) -> Backend:
+    """The backend for ``nets`` (one per fold; ``fold_hashes`` are their weight files' sha256,
+    which key the OpenVINO model cache; ``ir_dirs`` hold prepared OpenVINO models)."""
+    if backend == "openvino" and device == "auto":
+        device = "cpu"  # asking for OpenVINO is asking for the CPU
+    device = resolve_device(device)
+    backend = resolve_backend(backend, device)
+    if backend == "openvino":
+        from inference.openvino_backend import OpenVINOBackend
+
+        return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs)
+    from inference.torch_backend import TorchBackend
+
+    return TorchBackend(nets, device, batch_size=batch_size)

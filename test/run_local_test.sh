@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# Local container test, as challenge participants run one before submitting: segment the
+# bundled sample (test/sample/input) the way the platform runs the container, then compare
+# with the expected output (test/expected_output).
+#
+#   test/run_local_test.sh [--weights DIR] [--expected DIR] [--regenerate] [--emulate]
+#                          [--workdir DIR] [--venv DIR]
+#
+# With a Docker engine (`docker info` answers) it builds the image and runs it with
+#   --network none --cap-drop ALL --security-opt no-new-privileges --memory 16g,
+#   /input read-only, and --gpus all where nvidia-smi works.
+# Without one (or with --emulate) it reproduces the image's steps: a fresh virtual environment
+# from requirements.txt, the files the Dockerfile COPYs in an app folder made read-only, the
+# OpenVINO preparation step of the build, a non-root user without capabilities or new
+# privileges (setpriv; created with useradd when running as root), no network (unshare -n,
+# as root), a read-only input folder and a writable output folder passed as --input/--output.
+#
+# Comparison: the same mask files; each mask with the expected geometry and equal voxels, or
+# Dice >= 0.99 (a GPU run and a CPU run differ in floating-point arithmetic, bf16 vs f32, so a
+# few voxels at probability ~0.5 may flip); every case "ok" in results.json.
+#
+# --weights DIR      weights folder to test (default: weights/, env VESSEL_SEG_WEIGHTS)
+# --expected DIR     expected masks (default: test/expected_output)
+# --regenerate       write the outputs to the expected folder instead of comparing
+# --venv DIR         reuse (or create) the emulation's virtual environment there
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WEIGHTS="${VESSEL_SEG_WEIGHTS:-$ROOT/weights}"
+EXPECTED="$ROOT/test/expected_output"
+SAMPLE="$ROOT/test/sample/input"
+IMAGE="vessel-seg:local-test"
+USER_NAME="segmenter"
+REGENERATE=0
+EMULATE=0
+WORKDIR=""
+VENV=""
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --weights) WEIGHTS="$(cd "$2" && pwd)"; shift 2 ;;
+        --expected) EXPECTED="$2"; shift 2 ;;
+        --regenerate) REGENERATE=1; shift ;;
+        --emulate) EMULATE=1; shift ;;
+        --workdir) WORKDIR="$2"; shift 2 ;;
+        --venv) VENV="$2"; shift 2 ;;
+        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ ! -f "$WEIGHTS/manifest.json" ]]; then
+    echo "error: $WEIGHTS has no manifest.json: no trained weights are shipped yet;" \
+        "pass --weights DIR (or VESSEL_SEG_WEIGHTS) to test other weights" >&2
+    exit 2
+fi
+if [[ $REGENERATE -eq 0 ]] && ! compgen -G "$EXPECTED/*.nii.gz" > /dev/null; then
+    echo "error: no expected masks in $EXPECTED: generate them once with --regenerate" >&2
+    exit 2
+fi
+
+if [[ -z "$WORKDIR" ]]; then
+    WORKDIR="$(mktemp -d -t vessel-seg-local-test.XXXXXX)"
+    trap 'rm -rf "$WORKDIR"' EXIT
+fi
+mkdir -p "$WORKDIR"
+chmod 755 "$WORKDIR"
+INPUT="$WORKDIR/input"
+OUTPUT="$WORKDIR/output"
+rm -rf "$INPUT" "$OUTPUT"
+mkdir -p "$INPUT" "$OUTPUT"
+cp "$SAMPLE"/* "$INPUT/"
+chmod -R a-w "$INPUT"
+chmod 777 "$OUTPUT"  # the container's non-root user writes here
+
+run_docker() {
+    echo "== building $IMAGE"
+    docker build --tag "$IMAGE" "$ROOT"
+    local options=(--rm --network none --cap-drop ALL --security-opt no-new-privileges
+        --memory 16g --shm-size 1g -v "$INPUT:/input:ro" -v "$OUTPUT:/output")
+    if nvidia-smi > /dev/null 2>&1; then options+=(--gpus all); fi
+    if [[ "$WEIGHTS" != "$ROOT/weights" ]]; then options+=(-v "$WEIGHTS:/opt/app/weights:ro"); fi
+    echo "== running $IMAGE"
+    docker run "${options[@]}" "$IMAGE"
+}
+
+copy_app() {  # the Dockerfile's COPY lines (except requirements), relative to its WORKDIR
+    local app="$1" source target
+    while read -r _ source target; do
+        [[ "$source" == requirements.txt ]] && continue
+        mkdir -p "$(dirname "$app/$target")"
+        cp -r "$ROOT/$source" "$app/$target"
+    done < <(grep -E '^COPY ' "$ROOT/Dockerfile")
+    find "$app" -name __pycache__ -prune -exec rm -rf {} +
+    if [[ "$WEIGHTS" != "$ROOT/weights" ]]; then
+        rm -rf "$app/weights"
+        cp -r "$WEIGHTS" "$app/weights"
+    fi
+}
+
+# Runs a command as the unprivileged user, without capabilities or new privileges (root only).
+AS_USER=(setpriv --reuid "$USER_NAME" --regid "$USER_NAME" --clear-groups --no-new-privs
+    --inh-caps=-all --bounding-set=-all)
+
+base_python() {  # an interpreter the unprivileged user can run (pyenv under /root is not one)
+    local candidate
+    for candidate in "${LOCAL_TEST_PYTHON:-$(command -v python3)}" /usr/bin/python3; do
+        if [[ $(id -u) -ne 0 ]] || "${AS_USER[@]}" "$candidate" -c "" 2> /dev/null; then
+            echo "$candidate"
+            return
+        fi
+    done
+    echo "error: no python3 that user $USER_NAME may run (set LOCAL_TEST_PYTHON)" >&2
+    exit 2
+}
+
+run_emulated() {
+    local venv="${VENV:-$WORKDIR/venv}" app="$WORKDIR/app"
+    if [[ $(id -u) -eq 0 ]] && ! id -u "$USER_NAME" > /dev/null 2>&1; then
+        useradd --system --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
+    fi
+    if [[ ! -x "$venv/bin/python" ]]; then
+        echo "== virtual environment from requirements.txt in $venv"
+        "$(base_python)" -m venv "$venv"
+        if ! "$venv/bin/pip" install --quiet -r "$ROOT/requirements.txt" > "$WORKDIR/pip.log" 2>&1
+        then
+            cat "$WORKDIR/pip.log" >&2
+            exit 2
+        fi
+    fi
+    echo "== app folder $app (read-only)"
+    chmod -R u+w "$app" 2> /dev/null || true
+    rm -rf "$app"
+    mkdir -p "$app"
+    copy_app "$app"
+    (cd "$app" && "$venv/bin/python" -m inference.openvino_backend weights --if-present > /dev/null)
+    chmod -R a+rX,a-w "$app"
+    local cache="$WORKDIR/tmp/vessel-seg-cache"
+    mkdir -p "$cache" && chmod -R 777 "$WORKDIR/tmp"
+    local command=(env -i "PATH=/usr/bin:/bin" "HOME=$WORKDIR/tmp" "TMPDIR=$WORKDIR/tmp"
+        "VESSEL_SEG_CACHE=$cache" "$venv/bin/python" process.py
+        --input "$INPUT" --output "$OUTPUT")
+    if [[ $(id -u) -eq 0 ]]; then
+        command=("${AS_USER[@]}" "${command[@]}")
+        if unshare --net true 2> /dev/null; then command=(unshare --net "${command[@]}"); fi
+    fi
+    echo "== running process.py as $(if [[ $(id -u) -eq 0 ]]; then echo "$USER_NAME"; else id -un; fi)"
+    (cd "$app" && "${command[@]}")
+    PYTHON="$venv/bin/python"
+}
+
+PYTHON="python3"
+if [[ $EMULATE -eq 0 ]] && docker info > /dev/null 2>&1; then
+    run_docker
+else
+    [[ $EMULATE -eq 1 ]] || echo "== no Docker engine answers: emulating the container"
+    run_emulated
+fi
+
+if [[ $REGENERATE -eq 1 ]]; then
+    mkdir -p "$EXPECTED"
+    cp "$OUTPUT"/*.nii.gz "$EXPECTED/"
+    echo "== expected output regenerated in $EXPECTED"
+    exit 0
+fi
+
+echo "== comparing $OUTPUT with $EXPECTED"
+"$PYTHON" - "$OUTPUT" "$EXPECTED" << 'PYTHON'
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+output, expected = Path(sys.argv[1]), Path(sys.argv[2])
+failures = []
+report = json.loads((output / "results.json").read_text())
+failures += [f"{c['input']}: {c['error']}" for c in report["cases"] if c["status"] != "ok"]
+names = sorted(p.name for p in expected.glob("*.nii.gz"))
+produced = sorted(p.name for p in output.glob("*.nii.gz"))
+if names != produced:
+    failures.append(f"mask files differ: expected {names}, produced {produced}")
+for name in sorted(set(names) & set(produced)):
+    got, want = sitk.ReadImage(str(output / name)), sitk.ReadImage(str(expected / name))
+    same_grid = got.GetSize() == want.GetSize() and all(
+        np.allclose(f(got), f(want)) for f in (sitk.Image.GetSpacing, sitk.Image.GetOrigin,
+                                               sitk.Image.GetDirection))
+    if not same_grid:
+        failures.append(f"{name}: geometry differs from the expected mask")
+        continue
+    a, b = sitk.GetArrayFromImage(got) == 1, sitk.GetArrayFromImage(want) == 1
+    total = a.sum() + b.sum()
+    dice = 1.0 if total == 0 else 2 * (a & b).sum() / total
+    equal = np.array_equal(a, b)
+    print(f"{name}: {'equal' if equal else f'Dice {dice:.4f}'} ({b.sum()} expected voxels)")
+    if not equal and dice < 0.99:
+        failures.append(f"{name}: Dice {dice:.4f} < 0.99")
+for failure in failures:
+    print(f"FAIL {failure}", file=sys.stderr)
+print(f"local test {'failed' if failures else 'passed'}: {len(names)} mask(s)")
+sys.exit(1 if failures else 0)
+PYTHON

@@ -1,0 +1,214 @@
+"""Sliding windows, stitching, backends and the predictor, on narrow networks and small volumes."""
+
+import itertools
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+from inference import backends, openvino_backend
+from inference.io import write_image_atomically
+from inference.openvino_backend import OpenVINOBackend, prepare
+from inference.predictor import Predictor, PredictorSettings
+from inference.preprocessing import Geometry
+from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, window_starts
+from inference.testing import TEST_NORMALIZATION, tube_case, write_weights
+from inference.torch_backend import TorchBackend
+from model.network import Architecture, VesselUNet
+from model.weights import Manifest, load_ensemble, save_fold, write_manifest
+
+PATCH = (32, 32, 32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def model_cache(tmp_path_factory):
+    """A private OpenVINO model cache for this module."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VESSEL_SEG_CACHE", str(tmp_path_factory.mktemp("ov-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("weights")
+    write_weights(directory, folds=2, base_channels=4, patch=PATCH, seed=3)
+    return directory
+
+
+def geometry_of(shape, spacing=(1.0, 1.0, 1.0)) -> Geometry:
+    return Geometry(tuple(shape), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+class SigmoidOfInput(nn.Module):
+    """A stand-in network whose vessel probability is sigmoid(input): stitching must return
+    exactly sigmoid(volume) whatever the windows, weights and mirrors."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), x], dim=1)
+
+
+def test_window_starts_cover_every_voxel_like_nnunet():
+    starts = window_starts(100, 32, 0.5)
+    assert len(starts) == 6  # ceil((100 - 32) / 16) + 1
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert all(0 < b - a <= 16 for a, b in itertools.pairwise(starts))
+    assert window_starts(32, 32, 0.5) == [0]
+    assert window_starts(40, 32, 0.0) == [0, 8]
+    with pytest.raises(ValueError, match="overlap"):
+        window_starts(100, 32, 1.0)
+    with pytest.raises(ValueError, match="pad first"):
+        window_starts(20, 32, 0.5)
+
+
+def test_separable_normalizer_equals_the_sum_of_window_importances():
+    plan = WindowPlan.create((40, 57, 33), PATCH, 0.5)
+    total = np.zeros(plan.shape)
+    for window in plan.windows():
+        total[window] += plan.importance()
+    nz, ny, nx = plan.axis_normalizers()
+    np.testing.assert_allclose(total, nz[:, None, None] * ny[None, :, None] * nx, rtol=1e-5)
+    assert plan.starts == ((0, 8), (0, 12, 25), (0, 1)) and len(plan) == 12
+
+
+def test_pad_to_patch_centres_and_crops_back():
+    volume = np.arange(10 * 40 * 7, dtype=np.float32).reshape(10, 40, 7)
+    padded, crop = pad_to_patch(volume, PATCH)
+    assert padded.shape == (32, 40, 32)
+    np.testing.assert_array_equal(padded[crop], volume)
+    assert padded[0].sum() == 0 and crop[0] == slice(11, 21)
+    same, _ = pad_to_patch(padded, PATCH)
+    assert same is padded
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino"])
+def test_stitching_is_exact_for_a_known_network(backend):
+    rng = np.random.default_rng(0)
+    volume = rng.normal(0, 2, (40, 50, 36)).astype(np.float32)
+    plan = WindowPlan.create(volume.shape, PATCH, 0.5)
+    nets = [SigmoidOfInput(), SigmoidOfInput()]
+    if backend == "torch":
+        runner = TorchBackend(nets, "cpu", batch_size=3)
+    else:
+        runner = OpenVINOBackend(nets, ["sigmoid-a", "sigmoid-b"], PATCH, precision="f32")
+    counted = []
+    probability = runner.predict(volume, plan, mirror_axes(True), counted.append)
+    np.testing.assert_allclose(probability, 1 / (1 + np.exp(-volume)), atol=1e-5)
+    assert sum(counted) == len(plan) * 2 * 8
+
+
+def test_torch_and_openvino_backends_agree(weights):
+    case, _ = tube_case((48, 40, 56), seed=11)
+    array, geometry = case.astype(np.float32), geometry_of(case.shape)
+    settings = {"device": "cpu", "postprocess": False}
+    torch_run = Predictor(weights, PredictorSettings(backend="torch", **settings))
+    openvino_run = Predictor(weights, PredictorSettings(backend="openvino", **settings))
+    expected = torch_run.segment(array, geometry)
+    result = openvino_run.segment(array, geometry)
+    assert openvino_run.backend.name == "openvino" and torch_run.backend.precision == "float32"
+    assert 0.005 < expected.mask.mean() < 0.5  # a real mask, not an empty or full one
+    difference = np.abs(result.probability - expected.probability)  # bf16 (or f32) vs fp32
+    assert difference.mean() < 0.005 and difference.max() < 0.15
+    overlap = 2 * (result.mask & expected.mask).sum() / (result.mask.sum() + expected.mask.sum())
+    assert overlap > 0.98
+
+
+def test_the_ensemble_is_the_mean_of_its_folds(weights):
+    case, _ = tube_case((32, 48, 40), seed=12)
+    array, geometry = case.astype(np.float32), geometry_of(case.shape)
+
+    def probability(folds):
+        settings = PredictorSettings(backend="torch", device="cpu", folds=folds)
+        return Predictor(weights, settings).vessel_probability(array, geometry)
+
+    mean = (probability([0]) + probability([1])) / 2
+    np.testing.assert_allclose(probability([0, 1]), mean, atol=1e-5)
+
+
+def test_small_and_resampled_volumes_come_back_on_the_input_grid(weights):
+    predictor = Predictor(weights, PredictorSettings(backend="torch", device="cpu"))
+    small, _ = tube_case((12, 20, 40), seed=1)
+    result = predictor.segment(small.astype(np.float32), geometry_of(small.shape))
+    assert result.mask.shape == small.shape and result.probability.shape == small.shape
+    coarse, _ = tube_case((24, 30, 36), seed=2)  # 2 mm slices: resampled to 1 mm and back
+    geometry = geometry_of(coarse.shape, spacing=(2.0, 1.0, 1.0))
+    probability = predictor.vessel_probability(coarse.astype(np.float32), geometry)
+    assert probability.shape == coarse.shape
+    assert predictor.passes(geometry) == len(predictor.plan((48, 30, 36))) * 2
+
+
+def test_tta_runs_eight_mirrored_passes_per_window(weights):
+    settings = PredictorSettings(backend="torch", device="cpu", folds=[0], tta=True)
+    predictor = Predictor(weights, settings)
+    assert predictor.passes(geometry_of((40, 32, 32))) == 2 * 1 * 8
+    case, _ = tube_case((40, 32, 32), seed=4)
+    counted = []
+    predictor.vessel_probability(case.astype(np.float32), geometry_of(case.shape), counted.append)
+    assert sum(counted) == 16
+
+
+def test_openvino_models_are_prepared_then_cached(weights, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("VESSEL_SEG_CACHE", str(cache))
+    manifest, nets = load_ensemble(weights, [0])
+    hashes = [manifest.fold_entry(0).sha256]
+
+    def no_conversion(*args):
+        raise AssertionError("converted although a prepared or cached model exists")
+
+    OpenVINOBackend(nets, hashes, PATCH)  # cold: converts, then caches
+    assert len(list(cache.glob("*.xml"))) == 1 and len(list(cache.glob("*.bin"))) == 1
+    with monkeypatch.context() as patch:
+        patch.setattr(openvino_backend, "convert", no_conversion)
+        OpenVINOBackend(nets, hashes, PATCH)  # warm: reads the cache
+    prepared = tmp_path / "prepared"
+    assert [path.parent for path in prepare(weights, prepared)] == [prepared, prepared]  # 2 folds
+    for path in cache.iterdir():
+        path.unlink()
+    with monkeypatch.context() as patch:
+        patch.setattr(openvino_backend, "convert", no_conversion)
+        OpenVINOBackend(nets, hashes, PATCH, ir_dirs=[prepared])  # prepared, cache empty
+    assert not list(cache.iterdir())
+
+
+def test_broken_weights_give_an_error_not_an_empty_mask(tmp_path):
+    net = VesselUNet(Architecture(base_channels=4)).eval()
+    with torch.no_grad():
+        net.head.bias[1] = float("nan")
+    entry = save_fold(net, tmp_path / "fold_0.safetensors", 0)
+    write_manifest(
+        tmp_path, Manifest(net.architecture, PATCH, (1.0,) * 3, TEST_NORMALIZATION, folds=[entry])
+    )
+    predictor = Predictor(tmp_path, PredictorSettings(backend="torch", device="cpu"))
+    case, _ = tube_case((32, 32, 32))
+    with pytest.raises(RuntimeError, match="NaN"):
+        predictor.segment(case.astype(np.float32), geometry_of(case.shape))
+
+
+def test_images_are_written_atomically(tmp_path):
+    image = sitk.GetImageFromArray(np.ones((4, 5, 6), np.uint8))
+    for name in ("a.nii.gz", "b.mha", "c.nrrd", "d.nii"):
+        write_image_atomically(image, tmp_path / name)
+        assert sitk.ReadImage(str(tmp_path / name)).GetSize() == (6, 5, 4)
+    with pytest.raises(ValueError, match="cannot write atomically"):
+        write_image_atomically(image, tmp_path / "e.mhd")
+    with pytest.raises(RuntimeError):
+        write_image_atomically(image, tmp_path / "missing-folder" / "f.nii.gz")
+    assert sorted(os.listdir(tmp_path)) == ["a.nii.gz", "b.mha", "c.nrrd", "d.nii"]
+
+
+def test_backend_choice_falls_back_to_eager_torch_without_openvino(monkeypatch):
+    assert backends.resolve_backend("auto", "cuda") == "torch"
+    assert backends.resolve_backend("auto", "cpu") == "openvino"
+    monkeypatch.setattr(backends, "openvino_available", lambda: False)
+    assert backends.resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(backends.BackendError, match="not installed"):
+        backends.resolve_backend("openvino", "cpu")
+    with pytest.raises(backends.BackendError, match="CPU only"):
+        backends.resolve_backend("openvino", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(backends.BackendError, match="no CUDA device"):
+            backends.resolve_device("cuda")
+    assert backends.available_cpus() >= 1

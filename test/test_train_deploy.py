@@ -1,0 +1,238 @@
+"""A real federation on localhost: SuperLink with TLS and SuperNode authentication, three
+registered SuperNodes (one killed while it trains), an unregistered one that must be refused,
+`flwr run` of two rounds, and the exported fold weights loaded back. Every process is
+started here through the train/deploy scripts and stopped by its process group id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from model.weights import load_fold, load_manifest
+from train.deploy.credentials import make_certificates, make_supernode_key
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "train" / "deploy"
+BIN = Path(sys.executable).parent
+SITES = ("site1", "site2", "site3")
+# A phase (train or validate) on these tiny sites takes 10-60 s on 2 busy cores, most of it
+# starting a ClientApp process per message and polling; a killed SuperNode is reported
+# unavailable by the SuperLink within two missed heartbeats (<= 60 s), before this timeout.
+ROUND_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Processes:
+    """Processes started in their own session; stopped with their children by group id."""
+
+    def __init__(self, logs: Path, env: dict):
+        self.logs, self.env, self.started = logs, env, {}
+
+    def start(self, name: str, *command: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed in stop)
+        process = subprocess.Popen(
+            [str(c) for c in command], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started[name] = (process, log)
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def stop(self, name: str) -> None:
+        """SIGTERM to the process group, SIGKILL to what is left after 15 s; reap the leader;
+        then the same, by pid, for descendants that left the group (Flower starts its
+        ServerApp and ClientApp processes in sessions of their own)."""
+        process, log = self.started.pop(name)
+        family = descendants(process.pid)
+        try:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(process.pid, sig)
+                except ProcessLookupError:
+                    break
+                if group_gone(process, 15):
+                    break
+        finally:
+            process.wait(10)
+            log.close()
+            stop_pids(family)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self.started)):
+            self.stop(name)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` in the process tree, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, stack = [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie waits for its parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def stop_pids(pids: list[int], patience: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``patience`` seconds, to those of ``pids`` still alive."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + patience
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if running(pid)]
+            time.sleep(0.2)
+        pids = alive
+        if not pids:
+            return
+
+
+def group_gone(process: subprocess.Popen, timeout: float) -> bool:
+    """True once no process of the group led by ``process`` is left (zombies reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process.poll()
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.fixture
+def processes(tmp_path):
+    env = {
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": "1",  # three sites share two cores
+    }
+    (tmp_path / "logs").mkdir()
+    started = Processes(tmp_path / "logs", env)
+    yield started
+    started.stop_all()
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def superlink_healthy(port: int, ca: Path) -> bool:
+    try:
+        return httpx.get(f"https://127.0.0.1:{port}/health", verify=str(ca), timeout=1).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
+    from phantoms import write_dataset
+
+    data = write_dataset(tmp_path / "data", 3, (32, 32, 32), 11, sites=3)
+    certs = make_certificates(tmp_path / "certs", ["localhost"])
+    keys = {name: make_supernode_key(tmp_path / "keys", name) for name in (*SITES, "rogue")}
+    port = free_port()
+    link = processes.start("superlink", "bash", DEPLOY / "superlink.sh", tmp_path / "certs",
+                           tmp_path / "state", port)
+    wait_until(lambda: superlink_healthy(port, certs["ca"]) or link.poll() is not None, 60,
+               "the SuperLink")
+    assert link.poll() is None, processes.log("superlink")
+    with pytest.raises(httpx.ConnectError):  # TLS with our CA only, no plain HTTP
+        httpx.get(f"https://127.0.0.1:{port}/health", timeout=2)
+
+    run = lambda *command: subprocess.run(  # noqa: E731
+        [str(c) for c in command], cwd=ROOT, env=processes.env, capture_output=True, text=True,
+        timeout=120,
+    )
+    done = run("bash", DEPLOY / "connection.sh", "hospitals", f"127.0.0.1:{port}", certs["ca"])
+    assert done.returncode == 0, done.stderr
+    for site in SITES:
+        done = run(BIN / "flwr", "supernode", "register", keys[site][1], "hospitals")
+        assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
+
+    nodes = {
+        site: processes.start(site, "bash", DEPLOY / "supernode.sh", f"127.0.0.1:{port}",
+                              certs["ca"], keys[site][0], path, free_port())
+        for site, path in zip(SITES, data)
+    }
+    rogue = processes.start("rogue", "bash", DEPLOY / "supernode.sh", f"127.0.0.1:{port}",
+                            certs["ca"], keys["rogue"][0], data[0], free_port())
+
+    settings = (
+        "num-rounds=2 patch-size=32 base-channels=4 patches-per-case=2 val-overlap=0.0 "
+        f'precision="fp32" wait-for-sites=3 round-timeout={ROUND_TIMEOUT}.0'
+    )
+    runs, out = tmp_path / "runs", tmp_path / "weights"
+    training = processes.start("flwr-run", "bash", DEPLOY / "run.sh", "hospitals", "0", runs, out,
+                               settings)
+
+    # Unregistered key: refused. Flower logs its exit code 305 (SUPERNODE_CONNECTION_ERROR);
+    # every Flower error code leaves the process with status 1.
+    assert rogue.wait(60) == 1, processes.log("rogue")
+    assert "Exit Code: 305" in processes.log("rogue")
+
+    # Kill site3 while it trains in round 1 (after all three connected): the round completes
+    # with the others once the SuperLink reports it unavailable, and round 2 goes on without it.
+    wait_until(lambda: "Receiving: train message" in processes.log("site3")
+               or training.poll() is not None, 240, "site3 to receive its first round")
+    assert training.poll() is None, processes.log("flwr-run")
+    processes.stop("site3")
+    assert training.wait(ROUND_TIMEOUT * 4) == 0, processes.log("flwr-run")
+    assert all(node.poll() is None for site, node in nodes.items() if site != "site3")
+
+    state = json.loads((runs / "fold0" / "state.json").read_text())
+    assert state["round"] == 2
+    first, second = state["history"]
+    answered = set(first["train"]["sites"]) & set(first["validation"]["sites"])
+    assert answered == {"site1", "site2"}
+    assert first["train"]["failures"] or first["validation"]["failures"]
+    assert sorted(second["train"]["sites"]) == sorted(second["validation"]["sites"]) == [
+        "site1", "site2"]
+    assert re.search(r"WARNING.*round 1: ", processes.log("flwr-run"))  # and logged
+
+    manifest = load_manifest(out)
+    provenance = manifest.provenance["folds"]["0"]
+    assert provenance["rounds"] == 2 and set(provenance["sites"]) >= {"site1", "site2"}
+    net = load_fold(out, manifest, 0)
+    assert net.architecture.base_channels == 4

@@ -1,0 +1,126 @@
+"""Crash-safe checkpoints of the server: safetensors parameters and a JSON state, no pickle.
+
+After every round the server writes, in ``RUN_DIR/fold<f>/``:
+
+- ``global-r<round>.safetensors``: the global model after the round (fp32, as averaged);
+- ``best-r<round>.safetensors``: the model of the best validation Dice so far;
+- ``state.json``: the round, the best round and its metrics, the patience counter, the
+  accumulated training seconds, the sites and the per-round history, naming both files.
+
+Each file is written to a temporary name and renamed, and ``state.json`` is written last:
+a crash at any point leaves the previous state and the files it names intact, and resuming
+repeats at most the interrupted round. Because every round's randomness is seeded by
+(seed, fold, round, site), the resumed run computes what the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from model.weights import write_atomically
+from train.config import TrainConfig
+
+STATE = "state.json"
+FORMAT = "vessel-train-state/1"
+# Settings that may differ when a run is resumed; any other difference is a different run.
+RESUMABLE = {
+    "num-rounds", "patience", "round-timeout", "min-sites", "wait-for-sites", "out-dir",
+    "run-dir", "sim-data-root", "val-overlap",
+}
+
+
+@dataclass
+class RunState:
+    """Where a fold's training stands; everything JSON."""
+
+    config: dict
+    round: int = 0
+    best_round: int = 0
+    best_dice: float = -1.0
+    best_metrics: dict = field(default_factory=dict)
+    rounds_without_improvement: int = 0
+    training_seconds: float = 0.0
+    sites: dict = field(default_factory=dict)  # name -> what the site reported
+    history: list = field(default_factory=list)
+    global_file: str = ""
+    best_file: str = ""
+    stop_reason: str = ""
+
+
+def fold_dir(config: TrainConfig) -> Path:
+    return Path(config.run_dir) / f"fold{config.fold}"
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    array = np.asarray(array)
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
+def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    data = save_safetensors({k: contiguous(v) for k, v in arrays.items()})
+    write_atomically(path, data)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_safetensors(path.read_bytes())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: checkpoint named by {STATE} is missing") from None
+
+
+def save_checkpoint(
+    directory: Path, state: RunState, global_arrays: dict[str, np.ndarray],
+    best_arrays: dict[str, np.ndarray] | None,
+) -> None:
+    """Write the round's parameters, then the state naming them, then drop older files."""
+    state.global_file = f"global-r{state.round:04d}.safetensors"
+    save_arrays(directory / state.global_file, global_arrays)
+    if best_arrays is not None:
+        state.best_file = f"best-r{state.best_round:04d}.safetensors"
+        save_arrays(directory / state.best_file, best_arrays)
+    state_bytes = json.dumps({"format": FORMAT, **asdict(state)}, indent=1).encode()
+    write_atomically(directory / STATE, state_bytes)
+    for stale in directory.glob("*-r*.safetensors"):
+        if stale.name not in (state.global_file, state.best_file):
+            stale.unlink(missing_ok=True)
+
+
+def load_checkpoint(
+    directory: Path, config: TrainConfig
+) -> tuple[RunState, dict[str, np.ndarray], dict[str, np.ndarray] | None] | None:
+    """The saved state and parameters of this run, or None when it has not started.
+
+    Raises ValueError when the folder holds a run with a different configuration.
+    """
+    path = directory / STATE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if data.pop("format", None) != FORMAT:
+        raise ValueError(f"{path}: not a training state of format {FORMAT}")
+    state = RunState(**data)
+    current = config.to_run_config()
+    differing = sorted(
+        key for key in set(current) | set(state.config)
+        if key not in RESUMABLE and current.get(key) != state.config.get(key)
+    )
+    if differing:
+        details = ", ".join(f"{k} {state.config.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        raise ValueError(
+            f"{directory}: holds a run with other settings ({details}); "
+            "choose another run-dir or delete this one to start afresh"
+        )
+    state.config = current
+    global_arrays = load_arrays(directory / state.global_file)
+    best_arrays = load_arrays(directory / state.best_file) if state.best_file else None
+    return state, global_arrays, best_arrays

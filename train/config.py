@@ -1,0 +1,145 @@
+"""The run configuration of a federated training: one dataclass, spoken as Flower run config.
+
+Flower passes configuration as flat ``key = value`` pairs with kebab-case keys (the
+``[tool.flwr.app.config]`` section of ``pyproject.toml``, overridable with ``flwr run
+--run-config``). :class:`TrainConfig` holds the same keys with Python names and checks them
+once, so that the server, the sites and the exported manifest read one validated object.
+Its defaults are the paper's training (Mazher et al.: Adam, lr 1e-4, batch 2, 10 random
+patches per case per epoch, ``BCE + 0.6 WBCE + 0.4 Dice``, early stopping after 20 epochs
+without improvement) with 96^3 patches; ``pyproject.toml`` repeats them (a test keeps the two
+equal).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from model.network import DOWNSAMPLING, Architecture
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of one fold's federated training (run config keys in kebab-case)."""
+
+    fold: int = 0
+    num_folds: int = 5
+    num_rounds: int = 1000
+    local_epochs: int = 1
+    patience: int = 20  # rounds without a better validation Dice before stopping
+    patches_per_case: int = 10
+    batch_size: int = 2
+    learning_rate: float = 1e-4
+    foreground_fraction: float = 0.33  # patches centred on a vessel voxel (nnU-Net: 0.33)
+    loss_alpha: float = 0.6  # L = BCE + alpha WBCE + (1 - alpha) Dice, paper's equation (2)
+    pos_weight: float = 0.0  # WBCE vessel weight; 0: sqrt((1 - f) / f), f the site's vessels
+    augment: bool = True
+    patch_size: int = 96  # cubic patches, a multiple of 16
+    base_channels: int = 16
+    hsca: bool = True
+    msfe: bool = True
+    target_spacing: float = 0.227  # mm, isotropic (SHINY-ICARUS' 3DRA spacing)
+    precision: str = "auto"  # bf16 autocast where the processor supports it, else fp32
+    val_overlap: float = 0.25  # sliding-window overlap of the validation forward
+    seed: int = 0
+    wait_for_sites: int = 1  # sites that must be connected before the first round
+    min_sites: int = 1  # a round goes ahead with at least this many connected sites
+    round_timeout: float = 3600.0  # seconds to wait for the sites' replies in one phase
+    run_dir: str = "work/train"  # checkpoints: RUN_DIR/fold<f>/
+    out_dir: str = "weights"  # exported fold weights and manifest.json
+    sim_data_root: str = ""  # simulation only: site folders, one per simulated SuperNode
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.fold < self.num_folds:
+            problems.append(f"fold {self.fold} is not in 0..{self.num_folds - 1}")
+        for name in ("num_rounds", "local_epochs", "patches_per_case", "batch_size",
+                     "base_channels", "min_sites", "wait_for_sites", "num_folds"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name.replace('_', '-')} must be at least 1")
+        if self.patience < 1:
+            problems.append("patience must be at least 1 round")
+        if self.patch_size < DOWNSAMPLING or self.patch_size % DOWNSAMPLING:
+            problems.append(f"patch-size {self.patch_size} is not a multiple of {DOWNSAMPLING}")
+        if not 0.0 <= self.foreground_fraction <= 1.0:
+            problems.append("foreground-fraction must lie in [0, 1]")
+        if not 0.0 <= self.loss_alpha <= 1.0:
+            problems.append("loss-alpha must lie in [0, 1]")
+        if not 0.0 <= self.val_overlap < 1.0:
+            problems.append("val-overlap must lie in [0, 1)")
+        if self.pos_weight < 0:
+            problems.append("pos-weight must be positive (or 0 for the site's class balance)")
+        if self.learning_rate <= 0 or self.target_spacing <= 0 or self.round_timeout <= 0:
+            problems.append("learning-rate, target-spacing and round-timeout must be positive")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if problems:
+            raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture(base_channels=self.base_channels, hsca=self.hsca, msfe=self.msfe)
+
+    @property
+    def patch_shape(self) -> tuple[int, int, int]:
+        return (self.patch_size,) * 3
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return (self.target_spacing,) * 3
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case keys and values, as Flower's run config and ConfigRecord carry them."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> TrainConfig:
+        """Read Flower's run config (unknown keys are an error, missing keys take defaults)."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown training setting {key!r}")
+            values[name] = _coerce(key, value, known[name].type)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# Settings a site needs to train and validate; paths of the server stay on the server.
+SITE_KEYS = (
+    "fold", "num-folds", "local-epochs", "patches-per-case", "batch-size", "learning-rate",
+    "foreground-fraction", "loss-alpha", "pos-weight", "augment", "patch-size",
+    "base-channels", "hsca", "msfe", "target-spacing", "precision", "val-overlap", "seed",
+)
+
+
+def site_config(config: TrainConfig) -> dict[str, Any]:
+    """The part of the configuration sent to the sites each round."""
+    every = config.to_run_config()
+    return {key: every[key] for key in SITE_KEYS}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Flower may deliver ``1`` for a float setting or ``"true"`` from a CLI string."""
+    try:
+        if annotation == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if annotation == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if annotation == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"training setting {key!r}: {value!r} is not a {annotation}") from None

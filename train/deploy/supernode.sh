@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Start a hospital's SuperNode: it dials the SuperLink over TLS, authenticates with the site's
+# private key, and trains on the site's dataset, which never leaves this machine.
+#
+#   train/deploy/supernode.sh SUPERLINK_ADDRESS CA_CERT PRIVATE_KEY DATA_DIR [PORT] [SITE_NAME]
+#
+# SUPERLINK_ADDRESS is host:port; DATA_DIR an nnU-Net raw dataset (imagesTr/, labelsTr/); PORT
+# the local port of the SuperNode's ClientApp API (default 9094, one per SuperNode on a
+# machine); SITE_NAME how the site appears in logs and provenance (default: DATA_DIR's name).
+set -euo pipefail
+usage="usage: supernode.sh SUPERLINK_ADDRESS CA_CERT PRIVATE_KEY DATA_DIR [PORT] [SITE_NAME]"
+address=${1:?$usage}
+ca=${2:?$usage}
+key=${3:?$usage}
+data=${4:?$usage}
+port=${5:-9094}
+name=${6:-}
+if [[ ! -d "$data/imagesTr" || ! -d "$data/labelsTr" ]]; then
+    echo "supernode.sh: $data is not an nnU-Net raw dataset (imagesTr/, labelsTr/)" >&2
+    exit 2
+fi
+node_config="data-path=\"$(cd "$data" && pwd)\""
+if [[ -n "$name" ]]; then
+    node_config="$node_config site-name=\"$name\""
+fi
+exec flower-supernode \
+    --root-certificates "$ca" \
+    --superlink "$address" \
+    --auth-supernode-private-key "$key" \
+    --node-config "$node_config" \
+    --port "$port"

@@ -1,0 +1,230 @@
+"""The ServerApp: FedAvg rounds with validation, best-model tracking, early stopping,
+per-round checkpoints, resumption after a crash, and export of the best model.
+
+Each round (the paper's FedAvg): every connected site trains ``local-epochs`` from the global
+model and replies; :class:`~train.strategy.RobustFedAvg` averages the usable replies weighted
+by training cases; every site then validates the new global model on its held-out cases and
+the server averages the scores weighted by validation cases. A site that does not answer
+within ``round-timeout`` seconds (crashed, disconnected) is logged and the round completes
+with the others. The model with the best validation Dice is kept; after ``patience`` rounds
+without a better one, or ``num-rounds`` rounds, it is exported to ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import flwr
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from model.network import VesselUNet
+from train.checkpoint import RunState, contiguous, fold_dir, load_checkpoint, save_checkpoint
+from train.config import TrainConfig, site_config
+from train.export import export_fold
+from train.strategy import SITE_KEY, WEIGHT_KEY, RobustFedAvg, site_name
+
+log = logging.getLogger("flwr").getChild("train")
+VALIDATION_KEYS = ("dice", "cldice", "clre", "clpr")
+SITE_VALIDATION_KEYS = (*VALIDATION_KEYS, "site-seconds")
+
+
+def initial_arrays(config: TrainConfig) -> dict[str, np.ndarray]:
+    """The seeded initial global model."""
+    torch.manual_seed(config.seed)
+    return {k: v.numpy().copy() for k, v in VesselUNet(config.architecture).state_dict().items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(contiguous(v)) for k, v in arrays.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def site_reports(replies: list[Message], keys: tuple[str, ...]) -> dict[str, dict]:
+    """Per-site weight, ``keys`` metrics and dataset description of successful replies."""
+    reports = {}
+    for message in replies:
+        if message.has_error():
+            continue
+        metrics = next(iter(message.content.metric_records.values()), {})
+        info = message.content.config_records.get(SITE_KEY, {})
+        reports[site_name(message)] = {
+            "cases": int(metrics.get(WEIGHT_KEY, 0)),
+            **{k: float(metrics[k]) for k in keys if k in metrics},
+            **{k: str(v) for k, v in info.items() if k != "name"},
+        }
+    return reports
+
+
+def failures(messages: list[Message], replies: list[Message], names: dict[int, str]) -> list[str]:
+    """Why asked sites gave no usable reply (error replies, silence), by site name where known."""
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    answered, problems = set(), []
+    for reply in replies:
+        node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        answered.add(node)
+        if reply.has_error():
+            problems.append(f"{names.get(node, f'node {node}')}: {reply.error.reason[:200]}")
+    silent = [names.get(node, f"node {node}") for node in asked.values() if node not in answered]
+    return problems + [f"{name} did not reply within round-timeout" for name in silent]
+
+
+def play_round(
+    grid: Grid, strategy: RobustFedAvg, config: TrainConfig, server_round: int,
+    arrays: dict[str, np.ndarray],
+) -> tuple[dict[str, np.ndarray], dict]:
+    """One FedAvg round and its validation; returns the new global model and the round's record."""
+    start = time.monotonic()
+    settings = site_config(config)
+    messages = list(strategy.configure_train(server_round, to_record(arrays),
+                                             ConfigRecord(settings), grid))
+    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    trained = time.monotonic()
+    averaged, train_metrics = strategy.aggregate_train(server_round, replies)
+    if averaged is None:
+        log.warning("round %d: no usable update; the global model stays as it was", server_round)
+    else:
+        arrays = from_record(averaged)
+    evaluations = list(strategy.configure_evaluate(server_round, to_record(arrays),
+                                                   ConfigRecord(settings), grid))
+    scores = list(grid.send_and_receive(evaluations, timeout=config.round_timeout))
+    validation = strategy.aggregate_evaluate(server_round, scores)
+    record = {
+        "round": server_round,
+        "train": {
+            "sites": site_reports(replies, ("train-loss", "train-seconds", "site-seconds")),
+            "loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "left_out": dict(strategy.left_out),
+            "failures": failures(messages, replies, strategy.names),
+            "seconds": trained - start,
+        },
+        "validation": {
+            "sites": site_reports(scores, SITE_VALIDATION_KEYS),
+            **({k: float(validation[k]) for k in VALIDATION_KEYS} if validation else {}),
+            "failures": failures(evaluations, scores, strategy.names),
+            "seconds": time.monotonic() - trained,
+        },
+        "seconds": time.monotonic() - start,
+    }
+    for problem in record["train"]["failures"] + record["validation"]["failures"]:
+        log.warning("round %d: %s", server_round, problem)
+    return arrays, record
+
+
+def update_state(state: RunState, record: dict) -> bool:
+    """Fold a round's record into the state; True when its model is the best so far."""
+    state.round = record["round"]
+    state.history.append(record)
+    state.training_seconds += record["seconds"]
+    for name, report in record["train"]["sites"].items():
+        state.sites.setdefault(name, {}).update(
+            {"training_cases": report["cases"], **{k: report[k] for k in ("dataset", "fingerprint")
+                                                   if k in report}})
+    for name, report in record["validation"]["sites"].items():
+        state.sites.setdefault(name, {})["validation_cases"] = report["cases"]
+    dice = record["validation"].get("dice")
+    if dice is not None and dice > state.best_dice:
+        state.best_round, state.best_dice = record["round"], dice
+        state.best_metrics = {k: record["validation"][k] for k in VALIDATION_KEYS}
+        state.rounds_without_improvement = 0
+        return True
+    state.rounds_without_improvement += 1
+    return False
+
+
+def describe_data(sim_data_root: str) -> str:
+    """Where the training data came from, without this machine's absolute paths."""
+    if not sim_data_root:
+        return "site datasets (nnU-Net raw layout), kept at the sites"
+    root = Path(sim_data_root).resolve()
+    if root.is_relative_to(Path.cwd()):
+        root = root.relative_to(Path.cwd())
+    return f"simulated sites under {root}"
+
+
+def provenance(state: RunState, config: TrainConfig) -> dict:
+    return {
+        "fold": config.fold,
+        "framework": f"Flower {flwr.__version__}",
+        "data": describe_data(config.sim_data_root),
+        "sites": state.sites,
+        "rounds": state.round,
+        "best_round": state.best_round,
+        "stop_reason": state.stop_reason,
+        "validation": state.best_metrics,
+        "training_seconds": round(state.training_seconds, 1),
+        "seed": config.seed,
+        "patch_size": list(config.patch_shape),
+        "local_epochs": config.local_epochs,
+        "patches_per_case": config.patches_per_case,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "loss": f"BCE + {config.loss_alpha:g} WBCE + {1 - config.loss_alpha:g} Dice",
+        "precision": config.precision,
+        "exported": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run_training(grid: Grid, config: TrainConfig) -> RunState:
+    """Train fold ``config.fold`` from scratch or from its last checkpoint, then export it."""
+    directory = fold_dir(config)
+    directory.mkdir(parents=True, exist_ok=True)
+    saved = load_checkpoint(directory, config)
+    if saved is None:
+        state, arrays, best = RunState(config=config.to_run_config()), initial_arrays(config), None
+    else:
+        state, arrays, best = saved
+        log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
+    strategy = RobustFedAvg(
+        wait_for_nodes=config.wait_for_sites, min_available_nodes=config.min_sites,
+        min_train_nodes=config.min_sites, min_evaluate_nodes=config.min_sites,
+    )
+    while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
+        arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
+        improved = update_state(state, record)
+        best = arrays if improved else best
+        save_checkpoint(directory, state, arrays, arrays if improved else None)
+        log.info(
+            "round %d: loss %s, validation Dice %s clDice %s (best %.4f in round %d), %.1f s",
+            state.round, _fmt(record["train"]["loss"]), _fmt(record["validation"].get("dice")),
+            _fmt(record["validation"].get("cldice")), state.best_dice, state.best_round,
+            record["seconds"],
+        )
+    state.stop_reason = (
+        f"no better validation Dice for {config.patience} rounds"
+        if state.rounds_without_improvement >= config.patience else "num-rounds reached"
+    )
+    if best is None:
+        log.warning("no round was validated: exporting the last global model")
+        best = arrays
+    manifest = export_fold(best, config, config.out_dir, provenance(state, config))
+    save_checkpoint(directory, state, arrays, None)
+    log.info("fold %d: %s; best round %d exported to %s", config.fold, state.stop_reason,
+             state.best_round, manifest)
+    return state
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def build_server_app(overrides: dict | None = None) -> ServerApp:
+    """The ServerApp; ``overrides`` (run config keys) win over ``context.run_config``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_training(grid, TrainConfig.from_run_config({**context.run_config, **(overrides or {})}))
+
+    return app
+
+
+app = build_server_app()

@@ -1,0 +1,227 @@
+"""Model-agnostic local training and validation, shared by the sites and the benchmarks.
+
+Nothing here knows about Flower: :func:`fit` runs optimiser steps over batches,
+:func:`validate` segments whole volumes and scores them with the challenge's metrics, and
+:func:`train_site` / :func:`validate_site` put a site's data, the paper's loss and the
+run configuration together. The ClientApp wraps these two and nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.sliding_window import WindowPlan, normalize_in_place, pad_to_patch
+from metrics import cldice, dice
+from model.network import VesselUNet, probabilities
+from train.config import TrainConfig
+from train.data import Case, Site, SiteDataError, vessel_fraction
+from train.loss import positive_weight, vessel_loss
+from train.sampling import epoch_batches
+
+
+@dataclass
+class FitResult:
+    """What one local training did: mean loss over its steps, steps, patches, seconds."""
+
+    loss: float
+    steps: int
+    patches: int
+    seconds: float
+
+
+@functools.cache
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), per /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_bf16_backward_safe(patch_size: int) -> bool:
+    """False where a feature map of the network is 2 voxels wide during training.
+
+    oneDNN's bf16 weight gradient of a 3x3x3 convolution over a 2x2x2 map is wrong (huge
+    or NaN values, checked with torch 2.13 on AVX512-BF16 CPUs; fp32 and the bf16 forward
+    are correct): with four poolings, patches of 16 and 32 voxels produce such maps.
+    """
+    return all(patch_size >> level != 2 for level in range(5))
+
+
+def autocast_dtype(
+    precision: str, device: torch.device, training_patch: int | None = None
+) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` ("auto", "fp32", "bf16"); None means fp32.
+
+    "auto" picks bf16 on GPUs and on CPUs with native bf16 support, fp32 elsewhere (emulated
+    bf16 is slower than fp32). For CPU training with ``training_patch`` where bf16 gradients
+    are wrong (:func:`cpu_bf16_backward_safe`), "auto" falls back to fp32 and "bf16" is an error.
+    """
+    if precision == "fp32":
+        return None
+    cpu_unsafe = (
+        device.type == "cpu" and training_patch is not None
+        and not cpu_bf16_backward_safe(training_patch)
+    )
+    if precision == "bf16":
+        if cpu_unsafe:
+            raise ValueError(
+                f"precision bf16: CPU bf16 gradients are wrong with {training_patch}^3 patches "
+                "(2-voxel feature maps); use fp32 or patches of 48 or more"
+            )
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_supports_bf16() and not cpu_unsafe else None
+
+
+def seeded_generator(*keys: int) -> np.random.Generator:
+    """A numpy generator from a tuple of non-negative integers; also seeds torch from it."""
+    sequence = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
+    torch.manual_seed(int(sequence.generate_state(1, np.uint64)[0] & 0x7FFFFFFFFFFFFFFF))
+    return np.random.default_rng(sequence)
+
+
+def site_key(name: str) -> int:
+    """A stable integer for a site's name (seeds its patch sampling)."""
+    return zlib.crc32(name.encode())
+
+
+def fit(
+    net: nn.Module,
+    batches: Iterable[tuple[np.ndarray, np.ndarray]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> FitResult:
+    """One optimiser step per batch; the forward pass under autocast, the loss in fp32."""
+    net.train()
+    start, losses, patches = time.perf_counter(), [], 0
+    for images, labels in batches:
+        x = torch.from_numpy(images).to(device)
+        y = torch.from_numpy(labels).to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+        patches += images.shape[0]
+    mean = float(torch.stack(losses).mean()) if losses else float("nan")
+    return FitResult(mean, len(losses), patches, time.perf_counter() - start)
+
+
+def predict_mask(
+    net: nn.Module, image: np.ndarray, roi: tuple[int, int, int], overlap: float,
+    device: torch.device, amp_dtype: torch.dtype | None = None,
+) -> np.ndarray:
+    """Vessel mask (probability > 0.5) of a whole volume by Gaussian-weighted sliding windows.
+
+    Window placement, Gaussian importance and stitching are the shipped predictor's
+    (:mod:`inference.sliding_window`, nnU-Net's scheme), one window at a time, without
+    test-time mirroring.
+    """
+    padded, crop = pad_to_patch(image, roi)
+    plan = WindowPlan.create(padded.shape, roi, overlap)
+    importance = torch.from_numpy(plan.importance())
+    source = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
+    total = torch.zeros(padded.shape, dtype=torch.float32)
+    net.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                         enabled=amp_dtype is not None):
+        for window in plan.windows():
+            logits = net(source[window][None, None].to(device)).float()
+            total[window] += probabilities(logits)[0, 1].cpu() * importance
+    normalize_in_place(total, plan, 1, torch.from_numpy)
+    return (total[crop] > 0.5).numpy()
+
+
+def validate(
+    net: nn.Module, cases: list[Case], roi: tuple[int, int, int], overlap: float,
+    device: torch.device, amp_dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Mean Dice, clDice, clRe and clPr over ``cases`` (metrics on the model grid)."""
+    scores = {"dice": [], "cldice": [], "clre": [], "clpr": []}
+    for case in cases:
+        mask = predict_mask(net, case.image, roi, overlap, device, amp_dtype)
+        topology = cldice(mask, case.label)
+        scores["dice"].append(dice(mask, case.label))
+        scores["cldice"].append(topology.cldice)
+        scores["clre"].append(topology.clre)
+        scores["clpr"].append(topology.clpr)
+    return {key: float(np.mean(values)) for key, values in scores.items()}
+
+
+def build_network(config: TrainConfig, state: dict[str, torch.Tensor] | None = None) -> VesselUNet:
+    """The configured network, with ``state`` loaded (dtypes follow the network's)."""
+    net = VesselUNet(config.architecture)
+    if state is not None:
+        own = net.state_dict()
+        net.load_state_dict({k: torch.as_tensor(v).to(own[k].dtype) for k, v in state.items()})
+    return net
+
+
+def train_site(
+    net: nn.Module, site: Site, config: TrainConfig, server_round: int,
+    device: torch.device | None = None,
+) -> tuple[FitResult, int]:
+    """``local_epochs`` of the paper's training on the site's training cases of the fold.
+
+    A fresh Adam (its moments are not carried between rounds: FedAvg averages parameters
+    only) and a generator seeded by (seed, fold, round, site) make a round reproducible and
+    resumable. Returns the result and the number of training cases (FedAvg's weight).
+    """
+    device = device or training_device()
+    training, _ = site.split(config.fold, config.num_folds)
+    rng = seeded_generator(config.seed, config.fold, server_round, site_key(site.name))
+    fraction = vessel_fraction(training)
+    if fraction == 0.0:
+        raise SiteDataError(f"{site.path}: no vessel voxels in the training cases of fold "
+                            f"{config.fold}")
+    weight = config.pos_weight or positive_weight(fraction)
+    net.to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    amp_dtype = autocast_dtype(config.precision, device, config.patch_size)
+    results = []
+    for _ in range(config.local_epochs):
+        batches = epoch_batches(
+            training, config.patch_shape, config.patches_per_case, config.batch_size, rng,
+            config.foreground_fraction, config.augment,
+        )
+        results.append(fit(
+            net, batches, lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha),
+            optimizer, device, amp_dtype,
+        ))
+    steps = sum(r.steps for r in results)
+    loss = sum(r.loss * r.steps for r in results) / max(steps, 1)
+    total = FitResult(loss, steps, sum(r.patches for r in results), sum(r.seconds for r in results))
+    return total, len(training)
+
+
+def validate_site(
+    net: nn.Module, site: Site, config: TrainConfig, device: torch.device | None = None
+) -> tuple[dict[str, float], int]:
+    """Scores of ``net`` on the site's validation cases of the fold, and their number."""
+    device = device or training_device()
+    _, validation = site.split(config.fold, config.num_folds)
+    net.to(device)
+    amp_dtype = autocast_dtype(config.precision, device)
+    scores = validate(net, validation, config.patch_shape, config.val_overlap, device, amp_dtype)
+    return scores, len(validation)
