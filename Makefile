@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint sample bench-phantoms bench-metrics clean
+.PHONY: venv test lint demo train local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,6 +18,21 @@ lint: venv
 
 test: lint
 	$(PYTHON) -m pytest
+
+demo: venv
+	$(PYTHON) -m inference.demo
+
+train: venv
+	$(PYTHON) -m train --sites 3 --fold 0
+
+local-test: venv
+	test/run_local_test.sh
+
+bench-inference: venv
+	$(PYTHON) bench/bench_inference.py
+
+bench-federation: venv
+	$(PYTHON) bench/bench_federation.py
 
 sample: venv
 	$(PYTHON) -m phantoms --out test/sample --cases 1 --size 128 128 128 --seed 2026 --layout challenge --name sample

@@ -22,7 +22,8 @@
 # --weights DIR      weights folder to test (default: weights/, env VESSEL_SEG_WEIGHTS)
 # --expected DIR     expected masks (default: test/expected_output)
 # --regenerate       write the outputs to the expected folder instead of comparing
-# --venv DIR         reuse (or create) the emulation's virtual environment there
+# --venv DIR         reuse (or create) the emulation's virtual environment there; it must
+#                    have been built from the same requirements.txt
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -119,14 +120,19 @@ run_emulated() {
     if [[ $(id -u) -eq 0 ]] && ! id -u "$USER_NAME" > /dev/null 2>&1; then
         useradd --system --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
     fi
-    if [[ ! -x "$venv/bin/python" ]]; then
+    if [[ ! -f "$venv/.installed" ]]; then  # written only after a complete installation
         echo "== virtual environment from requirements.txt in $venv"
+        rm -rf "$venv"
         "$(base_python)" -m venv "$venv"
         if ! "$venv/bin/pip" install --quiet -r "$ROOT/requirements.txt" > "$WORKDIR/pip.log" 2>&1
         then
             cat "$WORKDIR/pip.log" >&2
             exit 2
         fi
+        cp "$ROOT/requirements.txt" "$venv/.installed"
+    elif ! cmp -s "$ROOT/requirements.txt" "$venv/.installed"; then
+        echo "error: $venv was built from another requirements.txt; remove it" >&2
+        exit 2
     fi
     echo "== app folder $app (read-only)"
     chmod -R u+w "$app" 2> /dev/null || true

@@ -1,5 +1,6 @@
 """The container: Dockerfile lint, and the local test script in its Docker-free emulation."""
 
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,14 @@ def test_dockerfile_copies_what_the_container_needs_and_runs_unprivileged():
     assert lines[-1] == 'ENTRYPOINT ["python", "process.py"]'
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "*" in ignored and all(f"!{path}" in ignored for path in copied)
+
+
+def shared_venv() -> Path:
+    """The emulation's virtual environment, reused across test runs while requirements.txt is
+    unchanged (its hash names it): creating one costs a minute or more. Under /tmp, where the
+    script's unprivileged user can reach it."""
+    digest = hashlib.sha256((ROOT / "requirements.txt").read_bytes()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"vessel-seg-local-test-venv-{digest}"
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +87,7 @@ def test_local_test_script_matches_the_in_process_predictor(workspace):
         "--workdir",
         str(workspace / "run"),
         "--venv",
-        str(workspace / "venv"),
+        str(shared_venv()),
     ]
     done = run_script(*arguments)
     assert done.returncode == 0, done.stdout + done.stderr
