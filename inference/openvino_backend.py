@@ -123,19 +123,15 @@ class OpenVINOBackend:
         ]
         self.device = f"cpu ({threads} threads, {self.config['NUM_STREAMS']} streams)"
 
-    def compile(self, model: ov.Model) -> ov.CompiledModel:
-        return self.core.compile_model(model, "CPU", self.config)
-
     def compiled_folds(self) -> Iterator[tuple[ov.CompiledModel, int]]:
-        """Each fold compiled for its turn, with its optimal number of requests.
+        """Each fold compiled in turn, with its optimal number of requests.
 
         One compiled fold at a time: a compiled model keeps its streams' activation memory
-        (about 300 MB per stream for the full network on a 128^3 patch), so five resident folds
-        would cost gigabytes. Compiling takes about 0.2 s and the first windows after it run
-        slower: about 5 % of a case at 128^3 patches, 10 % at 64^3.
+        (about 300 MB per stream for the full network on 128^3 patches), so five resident
+        folds would cost gigabytes; compiling one takes about 0.2 s.
         """
         for model in self.models:
-            compiled = self.compile(model)
+            compiled = self.core.compile_model(model, "CPU", self.config)
             yield compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             del compiled
 
