@@ -2,7 +2,10 @@
 # (process.py states the contract). Build and check it as challenge participants do:
 #   test/run_local_test.sh                   (builds, runs on test/sample, compares)
 #   docker run --rm --gpus all --network none -v IN:/input:ro -v OUT:/output vessel-seg
-FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime
+# torch comes from requirements.txt, the same pin the test suite runs: PyPI's Linux torch wheel
+# carries its CUDA and cuDNN libraries, and `--gpus all` brings the driver, so the base needs
+# no CUDA of its own and the shipped and tested torch are the same version.
+FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -12,15 +15,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /opt/app
 
-# The base image's CUDA torch stays: a constraint pins it while pip installs the other pinned
-# requirements (requirements.txt's torch line is the CPU build the test suite runs on).
 COPY requirements.txt /tmp/requirements.txt
-RUN python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" \
-        > /tmp/constraints.txt \
-    && grep -v '^torch==' /tmp/requirements.txt > /tmp/requirements-image.txt \
-    && pip install --no-cache-dir -c /tmp/constraints.txt -r /tmp/requirements-image.txt \
+RUN pip install --no-cache-dir -r /tmp/requirements.txt \
     && python -c "import cc3d, openvino, safetensors, SimpleITK, torch, tqdm" \
-    && rm /tmp/requirements.txt /tmp/requirements-image.txt /tmp/constraints.txt
+    && rm /tmp/requirements.txt
 
 # A non-root user with a numeric id (challenge platforms run containers without root).
 RUN groupadd --gid 1001 segmenter \

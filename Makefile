@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint demo train local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
+.PHONY: venv test lint demo train results local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: venv
 
 train: venv
 	$(PYTHON) -m train --sites 3 --fold 0
+
+results: venv
+	$(PYTHON) -m train.study all
 
 local-test: venv
 	test/run_local_test.sh

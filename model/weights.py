@@ -111,6 +111,11 @@ def save_fold(net: VesselUNet, path: str | Path, fold: int) -> FoldEntry:
         name: (t.detach().to("cpu", torch.float16) if t.is_floating_point() else t.detach().cpu())
         for name, t in net.state_dict().items()
     }
+    for name, tensor in tensors.items():
+        # fp16 tops out at 65504: a diverged model would otherwise ship as silent inf/NaN.
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise WeightError(f"{path}: tensor {name!r} is not finite in fp16 (diverged model or "
+                              "values beyond 65504); nothing written")
     metadata = {"architecture": json.dumps(net.architecture.to_dict(), sort_keys=True)}
     data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     write_atomically(path, data)

@@ -133,6 +133,16 @@ def test_manifest_holds_what_inference_needs(tmp_path):
     assert not list(tmp_path.glob(".*")), "temporary files left behind"
 
 
+def test_weights_beyond_fp16_range_are_refused_before_writing(tmp_path):
+    net = narrow_net()
+    with torch.no_grad():
+        net.state_dict()["head.weight"].view(-1)[0] = 1e5  # fp16's largest value is 65504
+    path = tmp_path / "fold_0.safetensors"
+    with pytest.raises(WeightError, match=r"fold_0\.safetensors: tensor 'head\.weight' is not fin"):
+        save_fold(net, path, 0)
+    assert not path.exists()
+
+
 def test_truncated_file_is_named(tmp_path):
     shipped_folder(tmp_path, [narrow_net()])
     path = tmp_path / "fold_0.safetensors"

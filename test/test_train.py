@@ -301,6 +301,13 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
     with pytest.raises(ValueError, match="seed 0 -> 1"):
         load_checkpoint(tmp_path, config.replace(seed=1))
     assert "pickle" not in (tmp_path / "state.json").read_text()
+    # A run saved before a setting existed resumes with that setting at its default.
+    saved = json.loads((tmp_path / "state.json").read_text())
+    del saved["config"]["init-weights"]
+    (tmp_path / "state.json").write_text(json.dumps(saved))
+    assert load_checkpoint(tmp_path, config)[0].round == 3
+    with pytest.raises(ValueError, match="init-weights '' -> 'x.safetensors'"):
+        load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
 
 
 def test_folds_exported_separately_build_one_manifest(tmp_path):
@@ -317,6 +324,24 @@ def test_folds_exported_separately_build_one_manifest(tmp_path):
     other = tiny_config(tmp_path, **{"base-channels": 8, "fold": 2})
     with pytest.raises(WeightError, match="architecture"):
         export_fold(initial_arrays(other), other, out, {})
+
+
+def test_a_warm_start_begins_from_the_named_model(tmp_path):
+    out = tmp_path / "weights"
+    config = tiny_config(tmp_path, seed=3)
+    export_fold(initial_arrays(config), config, out, {"fold": 0})
+    shipped = out / load_manifest(out).folds[0].file
+    warm = initial_arrays(tiny_config(tmp_path, **{"init-weights": str(shipped)}))
+    seeded = initial_arrays(tiny_config(tmp_path))
+    reference = initial_arrays(config)  # what was shipped, before its fp16 rounding
+    name = "encoders.0.0.weight"
+    assert warm[name].dtype == np.float32 and not np.array_equal(warm[name], seeded[name])
+    assert np.allclose(warm[name], reference[name], rtol=1e-3, atol=1e-4)
+    wider = tiny_config(tmp_path, **{"init-weights": str(shipped), "base-channels": 8})
+    with pytest.raises(ValueError, match=r"fold_0\.safetensors: not this architecture"):
+        initial_arrays(wider)
+    with pytest.raises(ValueError, match=r"missing\.st: cannot be read"):
+        initial_arrays(tiny_config(tmp_path, **{"init-weights": str(tmp_path / "missing.st")}))
 
 
 # --- what leaves a site ----------------------------------------------------------------------
@@ -381,6 +406,17 @@ def final_arrays(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(run_dir / "fold0" / state["global_file"])
 
 
+def assert_all_sites_replied(record: dict) -> None:
+    """Every site trained and validated in this round; the message names what went wrong."""
+    for phase in ("train", "validation"):
+        report = record[phase]
+        assert sorted(report["sites"]) == ["site1", "site2", "site3"], (
+            f"round {record['round']} {phase}: replies from {sorted(report['sites'])}, "
+            f"failures {report['failures']}, left out {report.get('left_out')}"
+        )
+        assert report["failures"] == [] and not report.get("left_out"), report
+
+
 def losses(record: dict) -> dict[str, float]:
     return {site: report["train-loss"] for site, report in record["train"]["sites"].items()}
 
@@ -395,8 +431,7 @@ def test_simulated_federation_trains_resumes_and_is_reproducible(federation, tmp
     assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site1", "site2", "site3"]
     whole = json.loads((tmp_path / "cli" / "train" / "fold0" / "state.json").read_text())
     for record in whole["history"]:
-        assert sorted(record["train"]["sites"]) == ["site1", "site2", "site3"]
-        assert record["train"]["left_out"] == {} and record["train"]["failures"] == []
+        assert_all_sites_replied(record)
         assert 0.0 <= record["validation"]["dice"] <= 1.0
     assert {s["training_cases"] for s in whole["sites"].values()} == {2}
     weights = tmp_path / "cli" / "weights"
@@ -408,9 +443,11 @@ def test_simulated_federation_trains_resumes_and_is_reproducible(federation, tmp
 
     # The same seed again, interrupted after round 1 and resumed: the same rounds, bit for bit.
     first = simulate_fold(federation, tmp_path, "resumed", **{"num-rounds": 1})
+    assert_all_sites_replied(first["history"][0])
     assert losses(first["history"][0]) == losses(whole["history"][0])
     resumed = simulate_fold(federation, tmp_path, "resumed")
     assert resumed["round"] == 2
+    assert_all_sites_replied(resumed["history"][1])
     assert losses(resumed["history"][1]) == losses(whole["history"][1])
     expected = final_arrays(tmp_path / "cli" / "train")
     actual = final_arrays(tmp_path / "resumed")

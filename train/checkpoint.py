@@ -110,12 +110,14 @@ def load_checkpoint(
         raise ValueError(f"{path}: not a training state of format {FORMAT}")
     state = RunState(**data)
     current = config.to_run_config()
+    # A setting added after the run started takes its default, which is how the run behaved.
+    saved = {**TrainConfig().to_run_config(), **state.config}
     differing = sorted(
-        key for key in set(current) | set(state.config)
-        if key not in RESUMABLE and current.get(key) != state.config.get(key)
+        key for key in set(current) | set(saved)
+        if key not in RESUMABLE and current.get(key) != saved.get(key)
     )
     if differing:
-        details = ", ".join(f"{k} {state.config.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        details = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
         raise ValueError(
             f"{directory}: holds a run with other settings ({details}); "
             "choose another run-dir or delete this one to start afresh"

@@ -45,6 +45,7 @@ class TrainConfig:
     precision: str = "auto"  # bf16 autocast where the processor supports it, else fp32
     val_overlap: float = 0.25  # sliding-window overlap of the validation forward
     seed: int = 0
+    init_weights: str = ""  # start from this model (.safetensors) instead of a seeded one
     wait_for_sites: int = 1  # sites that must be connected before the first round
     min_sites: int = 1  # a round goes ahead with at least this many connected sites
     round_timeout: float = 3600.0  # seconds to wait for the sites' replies in one phase

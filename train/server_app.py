@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
 
 from model.network import VesselUNet
 from train.checkpoint import RunState, contiguous, fold_dir, load_checkpoint, save_checkpoint
@@ -35,9 +37,22 @@ SITE_VALIDATION_KEYS = (*VALIDATION_KEYS, "site-seconds")
 
 
 def initial_arrays(config: TrainConfig) -> dict[str, np.ndarray]:
-    """The seeded initial global model."""
+    """The seeded initial global model, or the model of ``init-weights`` (a round checkpoint
+    or a shipped fp16 fold file) for a warm start, in the architecture's fp32 layout."""
     torch.manual_seed(config.seed)
-    return {k: v.numpy().copy() for k, v in VesselUNet(config.architecture).state_dict().items()}
+    fresh = {k: v.numpy().copy() for k, v in VesselUNet(config.architecture).state_dict().items()}
+    if not config.init_weights:
+        return fresh
+    path = Path(config.init_weights)
+    try:
+        loaded = load_safetensors(path.read_bytes())
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"init-weights {path}: cannot be read ({error})") from None
+    wrong = sorted(set(fresh) ^ set(loaded)) or sorted(
+        k for k in fresh if fresh[k].shape != loaded[k].shape)
+    if wrong:
+        raise ValueError(f"init-weights {path}: not this architecture ({', '.join(wrong[:3])})")
+    return {k: loaded[k].astype(fresh[k].dtype) for k in fresh}
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
@@ -162,6 +177,7 @@ def provenance(state: RunState, config: TrainConfig) -> dict:
         "validation": state.best_metrics,
         "training_seconds": round(state.training_seconds, 1),
         "seed": config.seed,
+        "initialised_from": Path(config.init_weights).name if config.init_weights else "seed",
         "patch_size": list(config.patch_shape),
         "local_epochs": config.local_epochs,
         "patches_per_case": config.patches_per_case,

@@ -1,0 +1,281 @@
+"""``python -m train.study``: the experiments behind the README's Results, one command each.
+
+    python -m train.study data              # phantom federation, held-out test set, data views
+    python -m train.study train fold0       # a run of RUNS (fold0..fold4, msfe-only, ...)
+    python -m train.study evaluate          # Tables 1-3 and the training curves
+    python -m train.study all               # all of it, in that order (hours on a CPU)
+
+Data (``work/study/data``): a federation of three non-IID sites (site profiles a, b, c; 13
+cases each at 128^3, seed 700) and a held-out test set of other seeds (seed 9000, three cases
+from each of sites a, b, c and three from site d, whose acquisition settings no training run
+sees). ``pooled/`` puts every site's cases into one dataset (centralised training) and
+``siteK-alone/`` holds site K only; both link to the federation's files.
+
+Every run is ``python -m train`` (Flower simulation) with :data:`COMMON` settings. The
+shipped folds train for :data:`SHIPPED_ROUNDS` rounds; the comparisons (Tables 1 and 2) all
+train fold 0 for :data:`COMPARISON_ROUNDS` rounds, and their federated full-network row is
+fold 0's own checkpoint after that many rounds (a resumed run continues bit for bit, so this
+is the same model a separate run would give). Evaluation runs ``process.py`` (the container's
+entry point) on the test set and scores with ``metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from metrics.evaluate import evaluate_folders, summarize
+from postprocess import CleaningSettings, clean_mask
+
+ROOT = Path("work/study")
+DATA = ROOT / "data"
+RUNS_DIR = ROOT / "runs"
+SHIPPED = RUNS_DIR / "shipped"
+RESULTS = ROOT / "results"
+FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
+TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
+COMMON = {
+    "patch-size": 48, "base-channels": 16, "learning-rate": 1e-3, "local-epochs": 2,
+    "val-overlap": 0.25, "patience": 5,
+}
+SHIPPED_ROUNDS = 12  # fold 0, from a seeded model
+WARM_ROUNDS = 2  # folds 1-4, each starting from fold 0's exported model
+COMPARISON_ROUNDS = 2
+TABLE_METRICS = ("dice", "recall", "precision", "cldice", "clre", "clpr", "jaccard",
+                 "volumetric_similarity", "bahd")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training: the data view it reads, its fold, rounds and setting changes."""
+
+    data: str
+    fold: int = 0
+    rounds: int = COMPARISON_ROUNDS
+    settings: tuple[tuple[str, object], ...] = ()
+
+    init_from_fold0: bool = False
+
+
+RUNS: dict[str, Run] = {
+    "fold0": Run("federation", 0, SHIPPED_ROUNDS),
+    **{f"fold{f}": Run("federation", f, WARM_ROUNDS, init_from_fold0=True) for f in (1, 2, 3, 4)},
+    "msfe-only": Run("federation", settings=(("hsca", False),)),
+    "hsca-only": Run("federation", settings=(("msfe", False),)),
+    "pooled": Run("pooled"),
+    **{f"site{k}-alone": Run(f"site{k}-alone") for k in (1, 2, 3)},
+}
+
+
+def python(*args: str) -> None:
+    """Run ``python ARGS`` in this environment; a failure stops the study."""
+    subprocess.run([sys.executable, *args], check=True)
+
+
+# -- data ---------------------------------------------------------------------------------
+
+def make_data() -> None:
+    """Write the federation, the held-out test set and the pooled and single-site views."""
+    federation = DATA / "federation"
+    if not federation.exists():
+        python("-m", "phantoms", "--out", str(federation), "--cases", str(FEDERATION["cases"]),
+               "--size", *[str(FEDERATION["size"])] * 3, "--seed", str(FEDERATION["seed"]),
+               "--sites", str(FEDERATION["sites"]))
+    test = DATA / "test"
+    if not test.exists():
+        staging = DATA / "test-sites"
+        python("-m", "phantoms", "--out", str(staging), "--cases", str(TEST_SET["cases"]),
+               "--size", *[str(TEST_SET["size"])] * 3, "--seed", str(TEST_SET["seed"]),
+               "--sites", str(TEST_SET["sites"]), "--layout", "challenge")
+        for part in ("input", "ground_truth"):  # one flat folder of all sites' cases
+            (test / part).mkdir(parents=True)
+            for file in sorted(staging.glob(f"site*/{part}/*")):
+                file.rename(test / part / file.name)
+        shutil.rmtree(staging)
+    sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
+    for site in sites:
+        alone = DATA / f"{site.name}-alone"
+        alone.mkdir(exist_ok=True)
+        if not (alone / site.name).exists():
+            (alone / site.name).symlink_to(os.path.relpath(site, alone))
+    pooled = DATA / "pooled" / "pooled"
+    if not pooled.exists():
+        for part in ("imagesTr", "labelsTr"):
+            (pooled / part).mkdir(parents=True)
+            for site in sites:
+                for file in sorted((site / part).iterdir()):
+                    (pooled / part / file.name).symlink_to(os.path.relpath(file, pooled / part))
+
+
+# -- training -----------------------------------------------------------------------------
+
+def run_config(run: Run, rounds: int) -> str:
+    settings = {**COMMON, "num-rounds": rounds, **dict(run.settings)}
+    if run.init_from_fold0:
+        settings["init-weights"] = str(SHIPPED / "weights" / "fold_0.safetensors")
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in settings.items())
+
+
+def train_command(name: str, run: Run, rounds: int, work: Path, out: Path) -> list[str]:
+    return ["-m", "train", "--data", str(DATA / run.data), "--fold", str(run.fold),
+            "--work", str(work), "--out", str(out), "--run-config", run_config(run, rounds)]
+
+
+def train(name: str) -> None:
+    """Train one run (resuming where it stopped). Fold 0 first stops after the comparison
+    rounds, leaves a copy as the ``federated`` comparison run, then goes on."""
+    run = RUNS[name]
+    if name.startswith("fold"):
+        work, out = SHIPPED, SHIPPED / "weights"
+    else:
+        work, out = RUNS_DIR / name, RUNS_DIR / name / "weights"
+    if name == "fold0":
+        python(*train_command(name, run, COMPARISON_ROUNDS, work, out))
+        snapshot = RUNS_DIR / "federated" / "train" / "fold0"
+        if not snapshot.exists():
+            shutil.copytree(work / "train" / "fold0", snapshot)
+        python(*train_command("federated", run, COMPARISON_ROUNDS, snapshot.parent.parent,
+                              snapshot.parent.parent / "weights"))
+    python(*train_command(name, run, run.rounds, work, out))
+
+
+# -- evaluation ---------------------------------------------------------------------------
+
+def predict(weights: Path, folds: list[int], out: Path) -> Path:
+    """Masks of the test set without component cleaning (``process.py --no-postprocess``)."""
+    if not (out / "results.json").exists():
+        python("process.py", "--input", str(DATA / "test" / "input"), "--output", str(out),
+               "--weights", str(weights), "--folds", *map(str, folds), "--no-postprocess")
+    return out
+
+
+def cleaned(raw: Path, weights: Path) -> Path:
+    """The same masks after the manifest's connected-component cleaning."""
+    manifest = json.loads((weights / "manifest.json").read_text())
+    settings = CleaningSettings.from_dict(manifest.get("postprocess"))
+    out = raw.with_name(raw.name + "-cc")
+    out.mkdir(exist_ok=True)
+    for file in sorted(raw.glob("*.nii.gz")):
+        image = sitk.ReadImage(str(file))
+        mask = clean_mask(sitk.GetArrayViewFromImage(image), image.GetSpacing(), settings)
+        result = sitk.GetImageFromArray(mask)
+        result.CopyInformation(image)
+        sitk.WriteImage(result, str(out / file.name), useCompression=True)
+    return out
+
+
+def score(pred: Path, cases: str = "") -> dict:
+    """Mean and standard deviation of each metric over the test cases starting with ``cases``."""
+    results, _ = evaluate_folders(pred, DATA / "test" / "ground_truth", workers=2)
+    summary = summarize(r for r in results if r.case.startswith(cases))
+    return {"n": summary.n, "mean": summary.mean, "std": summary.std}
+
+
+def table(rows: dict[str, dict]) -> str:
+    header = "| | " + " | ".join(TABLE_METRICS) + " |\n|---" + "|---" * len(TABLE_METRICS) + "|\n"
+    lines = []
+    for label, result in rows.items():
+        cells = [f"{result['mean'][m]:.3f} ± {result['std'][m]:.3f}" for m in TABLE_METRICS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return header + "\n".join(lines) + "\n"
+
+
+def evaluate() -> None:
+    """Score every run on the held-out test set; write ``results.md``, ``results.json`` and
+    the training curves."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    single = {name: RUNS_DIR / name / "weights"
+              for name in ("federated", "msfe-only", "hsca-only", "pooled",
+                           "site1-alone", "site2-alone", "site3-alone")}
+    rows: dict[str, dict] = {}
+    for name, weights in single.items():
+        raw = predict(weights, [0], RESULTS / name)
+        rows[name] = score(cleaned(raw, weights))
+    shipped = SHIPPED / "weights"
+    ensemble = predict(shipped, [0, 1, 2, 3, 4], RESULTS / "ensemble")
+    fold0 = predict(shipped, [0], RESULTS / "shipped-fold0")
+    shipped_rows = {
+        "five-fold ensemble, with CC": score(cleaned(ensemble, shipped)),
+        "five-fold ensemble, without CC": score(ensemble),
+        "fold 0 alone, with CC": score(cleaned(fold0, shipped)),
+        "fold 0 alone, without CC": score(fold0),
+    }
+    per_site = {f"test site {k}{' (unseen acquisition)' if k == 4 else ''}":
+                score(RESULTS / "ensemble-cc", f"site{k}_") for k in (1, 2, 3, 4)}
+    tables = {
+        "Table 1: the network's modules (fold 0, federated, "
+        f"{COMPARISON_ROUNDS} rounds)": {
+            "MSFE only": rows["msfe-only"], "HSCA only": rows["hsca-only"],
+            "HSCA + MSFE": rows["federated"]},
+        f"Table 2: what federation buys (full network, fold 0, {COMPARISON_ROUNDS} rounds)": {
+            "federated (3 sites)": rows["federated"], "centralised (pooled data)": rows["pooled"],
+            **{f"site {k} alone": rows[f"site{k}-alone"] for k in (1, 2, 3)}},
+        "Table 3: the shipped folds": shipped_rows,
+        "Shipped ensemble by test site": per_site,
+    }
+    text = "".join(f"### {title}\n\n{table(body)}\n" for title, body in tables.items())
+    (RESULTS / "results.md").write_text(text)
+    (RESULTS / "results.json").write_text(json.dumps(tables, indent=1) + "\n")
+    plot_curves(RESULTS / "training-curves.png")
+    print(text)
+
+
+def plot_curves(path: Path) -> None:
+    """Train loss and validation Dice per round of the shipped folds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for fold in range(5):
+        state = SHIPPED / "train" / f"fold{fold}" / "state.json"
+        if not state.exists():
+            continue
+        history = json.loads(state.read_text())["history"]
+        rounds = np.array([record["round"] for record in history])
+        loss_axis.plot(rounds, [r["train"]["loss"] for r in history], "o-", label=f"fold {fold}")
+        dice_axis.plot(rounds, [r["validation"]["dice"] for r in history], "o-",
+                       label=f"fold {fold}")
+    loss_axis.set(xlabel="round", ylabel="train loss (BCE + 0.6 WBCE + 0.4 Dice)")
+    dice_axis.set(xlabel="round", ylabel="validation Dice (cases-weighted over sites)")
+    for axis in (loss_axis, dice_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("data")
+    commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
+    commands.add_parser("evaluate")
+    commands.add_parser("all")
+    args = parser.parse_args(argv)
+    if args.command in ("data", "all"):
+        make_data()
+    if args.command == "train":
+        train(args.run)
+    if args.command == "all":
+        for name in RUNS:
+            train(name)
+    if args.command in ("evaluate", "all"):
+        evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
