@@ -34,7 +34,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from metrics.evaluate import evaluate_folders, summarize
+from model.weights import load_manifest, write_manifest
 from postprocess import CleaningSettings, clean_mask
+from train.folds import split_cases
 
 ROOT = Path("work/study")
 DATA = ROOT / "data"
@@ -47,11 +49,11 @@ COMMON = {
     "patch-size": 48, "base-channels": 16, "learning-rate": 1e-3, "local-epochs": 2,
     "val-overlap": 0.25, "patience": 5,
 }
-SHIPPED_ROUNDS = 12  # fold 0, from a seeded model
-WARM_ROUNDS = 2  # folds 1-4, each starting from fold 0's exported model
+SHIPPED_ROUNDS = 16  # fold 0, from a seeded model
+WARM_ROUNDS = 1  # folds 1-4, each starting from fold 0's exported model
 COMPARISON_ROUNDS = 2
-TABLE_METRICS = ("dice", "recall", "precision", "cldice", "clre", "clpr", "jaccard",
-                 "volumetric_similarity", "bahd")
+CANDIDATE_FRACTIONS = (0.01, 0.1, 0.3, 1.0)  # 1.0 keeps the largest component only
+TABLE_METRICS = ("Dice", "Re", "Pr", "clDice", "clRe", "clPr", "Jaccard", "VS", "bAHD")
 
 
 @dataclass(frozen=True)
@@ -151,19 +153,18 @@ def train(name: str) -> None:
 
 # -- evaluation ---------------------------------------------------------------------------
 
-def predict(weights: Path, folds: list[int], out: Path) -> Path:
-    """Masks of the test set without component cleaning (``process.py --no-postprocess``)."""
+def predict(weights: Path, folds: list[int], out: Path, images: Path = DATA / "test" / "input"
+            ) -> Path:
+    """Masks of ``images`` without component cleaning (``process.py --no-postprocess``)."""
     if not (out / "results.json").exists():
-        python("process.py", "--input", str(DATA / "test" / "input"), "--output", str(out),
+        python("process.py", "--input", str(images), "--output", str(out),
                "--weights", str(weights), "--folds", *map(str, folds), "--no-postprocess")
     return out
 
 
-def cleaned(raw: Path, weights: Path) -> Path:
-    """The same masks after the manifest's connected-component cleaning."""
-    manifest = json.loads((weights / "manifest.json").read_text())
-    settings = CleaningSettings.from_dict(manifest.get("postprocess"))
-    out = raw.with_name(raw.name + "-cc")
+def cleaned(raw: Path, settings: CleaningSettings) -> Path:
+    """The same masks after connected-component cleaning with ``settings``."""
+    out = raw.with_name(f"{raw.name}-cc{settings.min_fraction_of_largest:g}")
     out.mkdir(exist_ok=True)
     for file in sorted(raw.glob("*.nii.gz")):
         image = sitk.ReadImage(str(file))
@@ -174,17 +175,53 @@ def cleaned(raw: Path, weights: Path) -> Path:
     return out
 
 
-def score(pred: Path, cases: str = "") -> dict:
-    """Mean and standard deviation of each metric over the test cases starting with ``cases``."""
-    results, _ = evaluate_folders(pred, DATA / "test" / "ground_truth", workers=2)
+def tune_postprocess(weights: Path) -> float:
+    """Choose the cleaning's ``min_fraction_of_largest`` by fold 0's mean Dice on its own
+    validation cases (never the test set) and write it into ``weights``' manifest."""
+    cases = RESULTS / "fold0-validation"
+    for site in sorted(p for p in (DATA / "federation").iterdir() if (p / "imagesTr").is_dir()):
+        names = {f.name.removesuffix("_0000.nii.gz") for f in (site / "imagesTr").iterdir()}
+        for name in split_cases(sorted(names), 0)[1]:
+            for part, file in (("input", f"imagesTr/{name}_0000.nii.gz"),
+                               ("ground_truth", f"labelsTr/{name}.nii.gz")):
+                link = cases / part / Path(file).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to((site / file).resolve())
+    raw = predict(weights, [0], RESULTS / "fold0-validation-masks", cases / "input")
+    dice_by_fraction = {}
+    for fraction in CANDIDATE_FRACTIONS:
+        settings = CleaningSettings(min_fraction_of_largest=fraction)
+        result = score(cleaned(raw, settings), truth=cases / "ground_truth")
+        dice_by_fraction[fraction] = result["mean"]["Dice"]
+    best = max(dice_by_fraction, key=dice_by_fraction.get)
+    manifest = load_manifest(weights)
+    manifest.postprocess = CleaningSettings(min_fraction_of_largest=best).to_dict()
+    manifest.provenance["postprocess"] = {
+        "chosen_by": "fold 0's mean Dice on its validation cases",
+        "dice_by_min_fraction_of_largest": {f"{k:g}": round(v, 4)
+                                            for k, v in dice_by_fraction.items()},
+    }
+    write_manifest(weights, manifest)
+    return best
+
+
+def score(pred: Path, cases: str = "", truth: Path = DATA / "test" / "ground_truth") -> dict:
+    """Mean and standard deviation of each metric over the cases whose name starts with
+    ``cases``."""
+    results, _ = evaluate_folders(pred, truth, workers=2)
     summary = summarize(r for r in results if r.case.startswith(cases))
     return {"n": summary.n, "mean": summary.mean, "std": summary.std}
 
 
-def table(rows: dict[str, dict]) -> str:
-    header = "| | " + " | ".join(TABLE_METRICS) + " |\n|---" + "|---" * len(TABLE_METRICS) + "|\n"
+def table(rows: dict[str, dict | None]) -> str:
+    names = [m + (" (mm)" if m == "bAHD" else "") for m in TABLE_METRICS]
+    header = "| | " + " | ".join(names) + " |\n|---" + "|---" * len(names) + "|\n"
     lines = []
     for label, result in rows.items():
+        if result is None:  # not trained (yet)
+            lines.append(f"| {label} | " + " | ".join("n/a" for _ in names) + " |")
+            continue
         cells = [f"{result['mean'][m]:.3f} ± {result['std'][m]:.3f}" for m in TABLE_METRICS]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return header + "\n".join(lines) + "\n"
@@ -197,29 +234,31 @@ def evaluate() -> None:
     single = {name: RUNS_DIR / name / "weights"
               for name in ("federated", "msfe-only", "hsca-only", "pooled",
                            "site1-alone", "site2-alone", "site3-alone")}
-    rows: dict[str, dict] = {}
-    for name, weights in single.items():
-        raw = predict(weights, [0], RESULTS / name)
-        rows[name] = score(cleaned(raw, weights))
     shipped = SHIPPED / "weights"
+    tune_postprocess(shipped)
+    settings = CleaningSettings.from_dict(load_manifest(shipped).postprocess)
+    rows = {name: score(cleaned(predict(weights, [0], RESULTS / name), settings))
+            for name, weights in single.items() if (weights / "manifest.json").is_file()}
     ensemble = predict(shipped, [0, 1, 2, 3, 4], RESULTS / "ensemble")
     fold0 = predict(shipped, [0], RESULTS / "shipped-fold0")
+    ensemble_cc = cleaned(ensemble, settings)
     shipped_rows = {
-        "five-fold ensemble, with CC": score(cleaned(ensemble, shipped)),
+        "five-fold ensemble, with CC": score(ensemble_cc),
         "five-fold ensemble, without CC": score(ensemble),
-        "fold 0 alone, with CC": score(cleaned(fold0, shipped)),
+        "fold 0 alone, with CC": score(cleaned(fold0, settings)),
         "fold 0 alone, without CC": score(fold0),
     }
     per_site = {f"test site {k}{' (unseen acquisition)' if k == 4 else ''}":
-                score(RESULTS / "ensemble-cc", f"site{k}_") for k in (1, 2, 3, 4)}
+                score(ensemble_cc, f"site{k}_") for k in (1, 2, 3, 4)}
     tables = {
         "Table 1: the network's modules (fold 0, federated, "
         f"{COMPARISON_ROUNDS} rounds)": {
-            "MSFE only": rows["msfe-only"], "HSCA only": rows["hsca-only"],
-            "HSCA + MSFE": rows["federated"]},
+            "MSFE only": rows.get("msfe-only"), "HSCA only": rows.get("hsca-only"),
+            "HSCA + MSFE": rows.get("federated")},
         f"Table 2: what federation buys (full network, fold 0, {COMPARISON_ROUNDS} rounds)": {
-            "federated (3 sites)": rows["federated"], "centralised (pooled data)": rows["pooled"],
-            **{f"site {k} alone": rows[f"site{k}-alone"] for k in (1, 2, 3)}},
+            "federated (3 sites)": rows.get("federated"),
+            "centralised (pooled data)": rows.get("pooled"),
+            **{f"site {k} alone": rows.get(f"site{k}-alone") for k in (1, 2, 3)}},
         "Table 3: the shipped folds": shipped_rows,
         "Shipped ensemble by test site": per_site,
     }
