@@ -105,6 +105,16 @@ def test_local_test_script_matches_the_in_process_predictor(workspace):
     assert "FAIL sample.nii.gz: Dice" in done.stderr
 
 
+def test_local_test_script_passes_with_the_shipped_weights(workspace):
+    """What a challenge participant runs before submitting: the shipped folds, the committed
+    expected output."""
+    done = run_script("--workdir", str(workspace / "shipped"), "--venv", str(shared_venv()))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "local test passed: 1 mask(s)" in done.stdout
+    prepared = list((workspace / "shipped" / "app" / "weights" / "openvino").glob("*.xml"))
+    assert len(prepared) == 5
+
+
 def test_local_test_script_says_when_no_weights_are_shipped(workspace):
     empty = workspace / "no-weights"
     empty.mkdir()
