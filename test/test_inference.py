@@ -1,5 +1,6 @@
 """Sliding windows, stitching, backends and the predictor, on narrow networks and small volumes."""
 
+import hashlib
 import itertools
 import os
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from inference import backends, openvino_backend
@@ -18,7 +21,7 @@ from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, wind
 from inference.testing import TEST_NORMALIZATION, tube_case, write_weights
 from inference.torch_backend import TorchBackend
 from model.network import Architecture, VesselUNet
-from model.weights import Manifest, load_ensemble, save_fold, write_manifest
+from model.weights import FoldEntry, Manifest, load_ensemble, save_fold, write_manifest
 
 PATCH = (32, 32, 32)
 
@@ -174,10 +177,18 @@ def test_openvino_models_are_prepared_then_cached(weights, tmp_path, monkeypatch
 
 
 def test_broken_weights_give_an_error_not_an_empty_mask(tmp_path):
+    # save_fold refuses non-finite tensors, so the NaN goes into a written file, as a file
+    # damaged or made elsewhere would carry it; the manifest then matches the damaged file.
     net = VesselUNet(Architecture(base_channels=4)).eval()
-    with torch.no_grad():
-        net.head.bias[1] = float("nan")
-    entry = save_fold(net, tmp_path / "fold_0.safetensors", 0)
+    path = tmp_path / "fold_0.safetensors"
+    save_fold(net, path, 0)
+    with safe_open(path, "pt") as file:
+        tensors = {k: file.get_tensor(k) for k in file.keys()}  # noqa: SIM118 (not a dict)
+        metadata = file.metadata()
+    tensors["head.bias"][1] = float("nan")
+    data = save_safetensors(tensors, metadata=metadata)
+    path.write_bytes(data)
+    entry = FoldEntry(0, path.name, hashlib.sha256(data).hexdigest(), len(data))
     write_manifest(
         tmp_path, Manifest(net.architecture, PATCH, (1.0,) * 3, TEST_NORMALIZATION, folds=[entry])
     )
