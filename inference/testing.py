@@ -14,11 +14,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from inference.preprocessing import DEFAULT_NORMALIZATION
 from model.network import Architecture, VesselUNet
 from model.weights import Manifest, save_fold, write_manifest
 from postprocess import DEFAULT_SETTINGS
 
-TEST_NORMALIZATION = {"scheme": "percentile", "lower_percentile": 0.5, "upper_percentile": 99.5}
+TEST_NORMALIZATION = DEFAULT_NORMALIZATION
 
 
 def write_weights(

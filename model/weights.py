@@ -46,7 +46,7 @@ class Manifest:
     architecture: Architecture
     patch_size: tuple[int, int, int]
     target_spacing: tuple[float, float, float]
-    normalization: dict  # {"scheme", "lower_percentile", "upper_percentile"}, see normalize()
+    normalization: dict  # {"scheme", "lower/upper_percentile", "exclude_fill"}, see normalize()
     postprocess: dict = field(default_factory=dict)
     folds: list[FoldEntry] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)

@@ -16,12 +16,13 @@ from inference import backends, openvino_backend
 from inference.io import write_image_atomically
 from inference.openvino_backend import OpenVINOBackend, prepare
 from inference.predictor import Predictor, PredictorSettings
-from inference.preprocessing import Geometry
+from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry, normalize
 from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, window_starts
 from inference.testing import TEST_NORMALIZATION, tube_case, write_weights
 from inference.torch_backend import TorchBackend
 from model.network import Architecture, VesselUNet
 from model.weights import FoldEntry, Manifest, load_ensemble, save_fold, write_manifest
+from phantoms import generate_case
 
 PATCH = (32, 32, 32)
 
@@ -223,3 +224,25 @@ def test_backend_choice_falls_back_to_eager_torch_without_openvino(monkeypatch):
         with pytest.raises(backends.BackendError, match="no CUDA device"):
             backends.resolve_device("cuda")
     assert backends.available_cpus() >= 1
+
+
+def test_normalization_ignores_the_field_of_view_fill():
+    """The same anatomy with and without the scanner's -1024 HU outside its reconstruction
+    cylinder normalises to the same values inside it (the 0.5th-percentile anchor without the
+    exclusion moved soft tissue by about 0.4, which broke the small-FOV site's training)."""
+    image, label = generate_case((64, 64, 64), seed=4)
+    full = sitk.GetArrayFromImage(image).astype(np.float32)
+    y, x = np.mgrid[:64, :64]
+    cylinder = (y - 31.5) ** 2 + (x - 31.5) ** 2 <= (0.9 * 32) ** 2
+    cut = full.copy()
+    cut[:, ~cylinder] = -1024
+    vessels = sitk.GetArrayFromImage(label)[:, cylinder] > 0
+    old = {"scheme": "percentile", "lower_percentile": 0.5, "upper_percentile": 99.5}
+    for parameters, tolerance in ((DEFAULT_NORMALIZATION, 0.06), (old, None)):
+        a, b = normalize(full, parameters)[:, cylinder], normalize(cut, parameters)[:, cylinder]
+        difference = np.abs(a - b).max()
+        if tolerance:
+            assert difference < tolerance
+            assert 0.3 < np.median(a[vessels]) < 0.7 and np.median(a[~vessels]) < 0.1
+        else:
+            assert difference > 0.3  # what the test guards against
