@@ -120,6 +120,8 @@ def test_round_trip_is_exact_in_fp16(tmp_path, monkeypatch):
             assert torch.equal(restored.state_dict()[name], expected), name
         assert not restored.training
     assert load_manifest(tmp_path).to_dict() == manifest.to_dict()
+    for file in tmp_path.iterdir():  # readable by the container's unprivileged user
+        assert file.stat().st_mode & 0o044 == 0o044, file
 
 
 def test_manifest_holds_what_inference_needs(tmp_path):

@@ -1,0 +1,51 @@
+"""The shipped fold weights: intact, as their manifest describes them, and good on the sample."""
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from inference.predictor import Predictor, PredictorSettings
+from inference.preprocessing import read_image
+from metrics.overlap import dice
+from model import load_ensemble, load_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT / "weights"
+SAMPLE = ROOT / "test" / "sample"
+MAX_BYTES = 80 * 2**20
+
+
+def tensor_dtypes(path: Path) -> set[str]:
+    """The dtypes in a safetensors header (8-byte length, then JSON), read without loading."""
+    with path.open("rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    return {entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+
+
+def test_the_five_folds_match_their_manifest():
+    manifest = load_manifest(WEIGHTS)
+    assert [entry.fold for entry in manifest.folds] == [0, 1, 2, 3, 4]
+    assert sum(entry.bytes for entry in manifest.folds) <= MAX_BYTES
+    for entry in manifest.folds:
+        data = (WEIGHTS / entry.file).read_bytes()
+        assert len(data) == entry.bytes and hashlib.sha256(data).hexdigest() == entry.sha256
+        assert tensor_dtypes(WEIGHTS / entry.file) <= {"F16", "I64"}  # fp16, BN counters
+    architecture = manifest.architecture
+    assert (architecture.base_channels, architecture.hsca, architecture.msfe) == (16, True, True)
+    for fold, record in manifest.provenance["folds"].items():
+        assert len(record["sites"]) >= 3, fold
+        assert sum(site["training_cases"] for site in record["sites"].values()) >= 30, fold
+        assert 0.0 < record["validation"]["dice"] <= 1.0 and record["training_seconds"] > 0
+    assert len(load_ensemble(WEIGHTS)[1]) == 5  # verifies each file against the manifest
+
+
+def test_the_shipped_ensemble_segments_the_sample():
+    predictor = Predictor(WEIGHTS, PredictorSettings(device="cpu"))
+    array, geometry = read_image(SAMPLE / "input" / "sample_0000.nii.gz")
+    mask = predictor.segment(array, geometry).mask
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE / "ground_truth" / "sample.nii.gz")))
+    assert dice(mask, truth == 1) >= 0.85
