@@ -277,17 +277,22 @@ def plot_curves(path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    start = 0  # a warm-started fold's rounds continue those of fold 0's exported model
     for fold in range(5):
         state = SHIPPED / "train" / f"fold{fold}" / "state.json"
         if not state.exists():
             continue
-        history = json.loads(state.read_text())["history"]
-        rounds = np.array([record["round"] for record in history])
+        saved = json.loads(state.read_text())
+        history = saved["history"]
+        offset = start if saved["config"].get("init-weights") else 0
+        start = start or saved["best_round"]
+        rounds = np.array([record["round"] for record in history]) + offset
         loss_axis.plot(rounds, [r["train"]["loss"] for r in history], "o-", label=f"fold {fold}")
         dice_axis.plot(rounds, [r["validation"]["dice"] for r in history], "o-",
                        label=f"fold {fold}")
     loss_axis.set(xlabel="round", ylabel="train loss (BCE + 0.6 WBCE + 0.4 Dice)")
-    dice_axis.set(xlabel="round", ylabel="validation Dice (cases-weighted over sites)")
+    dice_axis.set(xlabel="round (folds 1-4 continue from fold 0's model)",
+                  ylabel="validation Dice (cases-weighted over sites)")
     for axis in (loss_axis, dice_axis):
         axis.grid(alpha=0.3)
         axis.legend()
