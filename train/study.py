@@ -22,6 +22,7 @@ entry point) on the test set and scores with ``metrics``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -206,11 +207,16 @@ def tune_postprocess(weights: Path) -> float:
     return best
 
 
+@functools.cache
+def case_results(pred: Path, truth: Path) -> tuple:
+    """Every case of ``pred`` scored once, however many subsets are summarised from it."""
+    return tuple(evaluate_folders(pred, truth, workers=2)[0])
+
+
 def score(pred: Path, cases: str = "", truth: Path = DATA / "test" / "ground_truth") -> dict:
     """Mean and standard deviation of each metric over the cases whose name starts with
     ``cases``."""
-    results, _ = evaluate_folders(pred, truth, workers=2)
-    summary = summarize(r for r in results if r.case.startswith(cases))
+    summary = summarize(r for r in case_results(pred, truth) if r.case.startswith(cases))
     return {"n": summary.n, "mean": summary.mean, "std": summary.std}
 
 
