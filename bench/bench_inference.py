@@ -1,6 +1,6 @@
-"""CPU inference benchmark: the project's pipeline against two MONAI baselines, one run.
+"""Inference benchmark: the project's pipeline against MONAI baselines, one run.
 
-    python bench/bench_inference.py [--size 256] [--patch 128] [--folds 5]
+    python bench/bench_inference.py [--size 256 | --shape Z Y X] [--folds 5] [--device cuda]
 
 All contenders segment the same phantom with the same five folds (the shipped weights in
 ``weights/`` when present, else full-width networks whose random features get a fitted head,
@@ -14,6 +14,12 @@ Gaussian weighting (sigma = patch/8), threshold 0.5 and the same connected-compo
 - ``project``: ``inference.cases.segment_file`` end to end (read, preprocess, predict,
   postprocess, write) with the OpenVINO backend;
 - ``network_only``: the project's compiled folds running the same windows, nothing else.
+
+With ``--device cuda`` the same contenders run on the GPU, less B (OpenVINO is the CPU's): A is
+the MONAI call in eager fp32 torch on the GPU (``--sw-batch-size`` windows per call), the
+project is its PyTorch backend (bf16 autocast, channels-last, ``--batch-size`` windows per call,
+default :func:`inference.torch_backend.default_batch_size`), and each reports its peak GPU
+memory.
 
 Each contender runs in its own process (peak RSS is its own). Times exclude loading and
 compiling the models (reported as ``setup_s``: for ``project`` with an empty OpenVINO model
@@ -40,10 +46,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONTENDERS = ("monai_torch", "monai_openvino", "project", "network_only")
+CPU_ONLY = ("monai_openvino",)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def peak_memory_mb(device: str) -> dict:
+    """This process's peak resident memory, and its peak GPU allocation on CUDA."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device == "cuda":
+        import torch
+
+        peaks["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peaks
 
 
 def make_weights(workdir: Path, folds: int, patch: int, seed: int) -> Path:
@@ -71,7 +84,9 @@ def make_weights(workdir: Path, folds: int, patch: int, seed: int) -> Path:
     return target
 
 
-def monai_case(source: Path, target: Path, weights: Path, predictor, sw_batch_size: int) -> None:
+def monai_case(
+    source: Path, target: Path, weights: Path, predictor, sw_batch_size: int, device: str = "cpu"
+) -> None:
     """Read, preprocess, MONAI sliding window, threshold, clean, write: only the prediction
     step differs from the project's pipeline."""
     import torch
@@ -87,7 +102,7 @@ def monai_case(source: Path, target: Path, weights: Path, predictor, sw_batch_si
     volume = preprocess(array, geometry, manifest)
     with torch.inference_mode():
         output = sliding_window_inference(
-            torch.from_numpy(volume)[None, None],
+            torch.from_numpy(volume)[None, None].to(device),
             roi_size=manifest.patch_size,
             sw_batch_size=sw_batch_size,
             predictor=predictor,
@@ -95,7 +110,7 @@ def monai_case(source: Path, target: Path, weights: Path, predictor, sw_batch_si
             mode="gaussian",
             sigma_scale=0.125,
         )
-    probability = to_input_grid(output[0, 1].numpy(), geometry, manifest.target_spacing)
+    probability = to_input_grid(output[0, 1].cpu().numpy(), geometry, manifest.target_spacing)
     mask = clean_mask(
         probability > 0.5, geometry.spacing, CleaningSettings.from_dict(manifest.postprocess)
     )
@@ -112,13 +127,14 @@ def run_contender(name: str, source: Path, target: Path, weights: Path, args) ->
     start = time.perf_counter()
     manifest, nets = load_ensemble(weights, list(range(args.folds)))
     if name == "monai_torch":
+        nets = [net.to(args.device) for net in nets]
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
             return sum(torch.softmax(net(x), dim=1) for net in nets) / len(nets)
 
         setup = time.perf_counter() - start
         start = time.perf_counter()
-        monai_case(source, target, weights, predictor, args.sw_batch_size)
+        monai_case(source, target, weights, predictor, args.sw_batch_size, args.device)
         return {"setup_s": setup, "seconds": time.perf_counter() - start}
     if name == "monai_openvino":
         import openvino as ov
@@ -148,7 +164,12 @@ def run_contender(name: str, source: Path, target: Path, weights: Path, args) ->
     from inference.cases import segment_file
     from inference.predictor import Predictor, PredictorSettings
 
-    settings = PredictorSettings(backend="openvino", device="cpu", folds=list(range(args.folds)))
+    settings = PredictorSettings(
+        backend="openvino" if args.device == "cpu" else "torch",
+        device=args.device,
+        folds=list(range(args.folds)),
+        batch_size=args.batch_size,
+    )
     predictor = Predictor(weights, settings)
     setup = time.perf_counter() - start
     info = {"setup_s": setup, "precision": predictor.backend.precision}
@@ -156,23 +177,49 @@ def run_contender(name: str, source: Path, target: Path, weights: Path, args) ->
         start = time.perf_counter()
         segment_file(predictor, source, target)
         return {**info, "seconds": time.perf_counter() - start}
-    return {**info, "seconds": network_only(predictor, source)}
+    windows = model_windows(predictor, source)
+    if args.device == "cuda":
+        return {**info, "seconds": network_only_cuda(predictor, windows)}
+    return {**info, "seconds": network_only(predictor, windows)}
 
 
-def network_only(predictor, source: Path) -> float:
-    """Seconds the compiled folds take for the case's windows, without any other work."""
-    import openvino as ov
-
+def model_windows(predictor, source: Path) -> list[np.ndarray]:
+    """The case's windows as the network sees them, (1, 1, *patch) each."""
     from inference.preprocessing import read_image
     from inference.sliding_window import pad_to_patch
 
     array, geometry = read_image(source)
     volume, _ = pad_to_patch(predictor.model_input(array, geometry), predictor.manifest.patch_size)
     plan = predictor.plan(volume.shape)
-    windows = [np.ascontiguousarray(volume[w])[None, None] for w in plan.windows()]
+    return [np.ascontiguousarray(volume[w])[None, None] for w in plan.windows()]
+
+
+def network_only_cuda(predictor, windows: list[np.ndarray]) -> float:
+    """Seconds the folds take on the GPU for the case's windows, batched as in predict, with
+    the windows already on the device and nothing stitched."""
+    import torch
+
+    backend = predictor.backend
+    size = backend.batch_size
+    batches = -(-len(windows) // size)  # the last batch padded with zeros, as in predict
+    on_device = torch.zeros(batches * size, 1, *windows[0].shape[2:], device=backend.torch_device)
+    on_device[: len(windows)] = torch.from_numpy(np.concatenate(windows)).to(backend.torch_device)
+    with torch.inference_mode():
+        torch.cuda.synchronize()  # cuDNN chose its kernels when the backend warmed up
+        start = time.perf_counter()
+        for first in range(0, len(on_device), size):
+            backend.passes(on_device[first : first + size], [()])
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def network_only(predictor, windows: list[np.ndarray]) -> float:
+    """Seconds the compiled folds take for the case's windows, without any other work."""
+    import openvino as ov
+
     backend = predictor.backend
     start = time.perf_counter()
-    for compiled, requests in backend.compiled_folds():  # compiling is timed, as in predict
+    for compiled, requests in backend.compiled_folds():  # as in predict
         queue = ov.AsyncInferQueue(compiled, requests)
         for window in windows:
             queue.start_async({0: window})
@@ -206,6 +253,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="phantom side in voxels")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="phantom shape (instead of --size)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, help="the project's windows per call (CUDA)")
     parser.add_argument("--patch", type=int, default=128, help="patch side (random weights)")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--sw-batch-size", type=int, default=1, help="MONAI windows per call")
@@ -217,18 +273,23 @@ def main() -> int:
         "--postprocess", type=int, metavar="SIZE", help="only time the cleaning of a SIZE^3 mask"
     )
     parser.add_argument("--run", choices=CONTENDERS, help=argparse.SUPPRESS)
-    parser.add_argument("--weights", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--weights", type=Path, help="weights folder (default: shipped, else fitted random folds)"
+    )
     args = parser.parse_args()
     from inference.backends import available_cpus
 
     args.threads = args.threads or available_cpus()
+    args.shape = tuple(args.shape or (args.size,) * 3)
+    if args.device == "cuda":
+        args.only = [name for name in args.only if name not in CPU_ONLY]
     if args.postprocess:
         print(json.dumps(bench_postprocess(args.postprocess)))
         return 0
     if args.run:  # child: one contender
         source, target = args.workdir / "phantom.nii.gz", args.workdir / f"{args.run}.nii.gz"
         result = run_contender(args.run, source, target, args.weights, args)
-        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+        print(json.dumps({**result, **peak_memory_mb(args.device)}))
         return 0
     with tempfile.TemporaryDirectory() as temporary:
         workdir = args.workdir or Path(temporary)
@@ -241,11 +302,12 @@ def orchestrate(args, workdir: Path) -> int:
 
     from phantoms import generate_case
 
-    image, label = generate_case((args.size,) * 3, seed=args.seed + 7)
+    image, label = generate_case(args.shape, seed=args.seed + 7)
     sitk.WriteImage(image, str(workdir / "phantom.nii.gz"))
-    weights = make_weights(workdir, args.folds, args.patch, args.seed)
+    weights = args.weights or make_weights(workdir, args.folds, args.patch, args.seed)
     results: dict = {
-        "size": args.size,
+        "shape": args.shape,
+        "device": args.device,
         "folds": args.folds,
         "overlap": 0.5,
         "threads": args.threads,
@@ -269,6 +331,9 @@ def orchestrate(args, workdir: Path) -> int:
             str(args.threads),
             "--sw-batch-size",
             str(args.sw_batch_size),
+            "--device",
+            args.device,
+            *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         ]
         done = subprocess.run(
             command, capture_output=True, text=True, env={**os.environ, **env_cache}
@@ -278,16 +343,18 @@ def orchestrate(args, workdir: Path) -> int:
             return 1
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(f"{name}: {results[name]}", file=sys.stderr)
-    summarize(results, workdir, label, args.size)
+    summarize(results, workdir, label, args.shape)
     print(json.dumps(results, indent=2))
     return 0
 
 
-def summarize(results: dict, workdir: Path, label, size: int) -> None:
+def summarize(results: dict, workdir: Path, label, shape: tuple[int, int, int]) -> None:
     """Throughputs, speed-ups and mask agreement."""
+    import math
+
     import SimpleITK as sitk
 
-    voxels = size**3
+    voxels = math.prod(shape)
     for name in CONTENDERS:
         if name in results:
             results[name]["mvox_per_s"] = voxels / results[name]["seconds"] / 1e6

@@ -130,4 +130,4 @@ def create_backend(
         return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs)
     from inference.torch_backend import TorchBackend
 
-    return TorchBackend(nets, device, batch_size=batch_size)
+    return TorchBackend(nets, device, patch, batch_size=batch_size)

@@ -10,14 +10,14 @@ prepared folders (the container bakes ``weights/openvino`` at build time, see
 
 Compilation uses every available core (``INFERENCE_NUM_THREADS``), bf16 where the CPU reports
 it in ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16, AMX) and f32 elsewhere, and the
-``THROUGHPUT`` hint: several streams each run a window while finished windows are stitched
-in request callbacks, so the cores never wait for Python.
+``THROUGHPUT`` hint: several streams each run a window while a finished one is stitched, so
+the cores never wait for Python.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import math
 import os
 import tempfile
 import threading
@@ -32,10 +32,14 @@ from torch import nn
 
 from inference.backends import IR_FOLDER, Progress, VesselProbability, available_cpus
 from inference.sliding_window import WindowPlan, normalize_in_place
+from inference.thin_conv import with_blocked_spatial_convs
 
-IR_FORMAT = "vp1"  # bump when VesselProbability or the conversion changes
+IR_FORMAT = "vp2"  # bump when VesselProbability or the conversion changes
 CACHE_ENV = "VESSEL_SEG_CACHE"
 MAX_STREAMS = 4  # each stream holds a window's activations: bound the memory on many-core CPUs
+# Patches up to this many voxels keep every fold compiled for the backend's lifetime: a compiled
+# fold holds its streams' activations, about 300 MB per stream at 128^3 but 20 MB at 48^3.
+RESIDENT_PATCH_VOXELS = 64**3
 
 
 def cache_dir() -> Path:
@@ -49,8 +53,9 @@ def ir_name(fold_hash: str, patch: Sequence[int]) -> str:
 
 
 def convert(net: nn.Module, patch: Sequence[int]) -> ov.Model:
-    """The fold as an OpenVINO model of static shape ``(1, 1, *patch)`` -> ``(1, *patch)``."""
-    module = VesselProbability(net).eval()
+    """The fold as an OpenVINO model of static shape ``(1, 1, *patch)`` -> ``(1, *patch)``, its
+    spatial-attention convolutions in the CPU-friendly blocked form (same result)."""
+    module = VesselProbability(with_blocked_spatial_convs(net, patch)).eval()
     example = torch.zeros(1, 1, *patch)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecations, not ours
@@ -81,12 +86,22 @@ def load_or_convert(
     name = ir_name(fold_hash, patch)
     for folder in [*ir_dirs, cache_dir()]:
         if (Path(folder) / name).is_file():
-            model = core.read_model(Path(folder) / name)
-            model.reshape([1, 1, *patch])
-            return model
+            return read_ir(core, Path(folder) / name, patch)
+    # Always the model as read back from an IR file: the file stores fp16 constants, so a
+    # freshly converted model would compute slightly differently from every later, cached run.
     model = convert(net, patch)
-    with contextlib.suppress(OSError):  # a read-only file system only costs time next run
+    try:
         save_ir(model, cache_dir() / name)
+        return read_ir(core, cache_dir() / name, patch)
+    except OSError:  # a read-only cache: a private folder for this once
+        with tempfile.TemporaryDirectory() as folder:
+            save_ir(model, Path(folder) / name)
+            return read_ir(core, Path(folder) / name, patch)
+
+
+def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:
+    model = core.read_model(path)
+    model.reshape([1, 1, *patch])
     return model
 
 
@@ -122,16 +137,19 @@ class OpenVINOBackend:
             for net, fold_hash in zip(nets, fold_hashes, strict=True)
         ]
         self.device = f"cpu ({threads} threads, {self.config['NUM_STREAMS']} streams)"
+        small = math.prod(patch) <= RESIDENT_PATCH_VOXELS
+        self.resident = [self.compile(model) for model in self.models] if small else None
+
+    def compile(self, model: ov.Model) -> ov.CompiledModel:
+        return self.core.compile_model(model, "CPU", self.config)
 
     def compiled_folds(self) -> Iterator[tuple[ov.CompiledModel, int]]:
-        """Each fold compiled in turn, with its optimal number of requests.
+        """Each fold compiled, with its optimal number of requests.
 
-        One compiled fold at a time: a compiled model keeps its streams' activation memory
-        (about 300 MB per stream for the full network on 128^3 patches), so five resident
-        folds would cost gigabytes; compiling one takes about 0.2 s.
+        Small patches: the folds compiled once, with the backend. Large ones: one fold compiled
+        at a time (about 0.2 s each), since five resident folds would cost gigabytes.
         """
-        for model in self.models:
-            compiled = self.core.compile_model(model, "CPU", self.config)
+        for compiled in self.resident or map(self.compile, self.models):
             yield compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             del compiled
 
@@ -144,37 +162,34 @@ class OpenVINOBackend:
     ) -> np.ndarray:
         accumulator = np.zeros(volume.shape, dtype=np.float32)
         importance = plan.importance()
-        lock = threading.Lock()
-        errors: list[BaseException] = []
 
-        def stitch(request: ov.InferRequest, userdata) -> None:
-            window, axes = userdata
-            try:
-                probability = request.get_output_tensor(0).data[0]
-                if axes:
-                    probability = np.flip(probability, axes)
-                weighted = probability * importance  # a copy: the request's buffer is reused
-                with lock:
-                    accumulator[window] += weighted
-                    if progress:
-                        progress(1)
-            except BaseException as error:  # re-raised in the calling thread below
-                errors.append(error)
+        def stitch(request: ov.InferRequest, window, axes) -> None:
+            request.wait()
+            probability = request.get_output_tensor(0).data[0]
+            if axes:
+                probability = np.flip(probability, axes)
+            accumulator[window] += probability * importance
+            if progress:
+                progress(1)
 
-        for compiled, requests in self.compiled_folds():
-            queue = ov.AsyncInferQueue(compiled, requests)
-            queue.set_callback(stitch)
-            for window in plan.windows():
-                block = volume[window]
-                for axes in mirrors:
-                    data = np.flip(block, axes) if axes else block
-                    queue.start_async({0: np.ascontiguousarray(data)[None, None]}, (window, axes))
-                if errors:
-                    break
-            queue.wait_all()
-            del queue, compiled  # this fold's memory goes before the next fold compiles
-            if errors:
-                raise errors[0]
+        jobs = [(window, axes) for window in plan.windows() for axes in mirrors]
+        for compiled, count in self.compiled_folds():
+            # Requests taken in turn, each result stitched here while the others compute: no
+            # Python callback runs on OpenVINO's threads, which would need the GIL and could
+            # deadlock with a compiled model freed on this thread.
+            requests = [compiled.create_infer_request() for _ in range(count)]
+            running: list[tuple | None] = [None] * count
+            for index, (window, axes) in enumerate(jobs):
+                slot = index % count
+                if running[slot] is not None:
+                    stitch(requests[slot], *running[slot])
+                data = np.flip(volume[window], axes) if axes else volume[window]
+                requests[slot].start_async({0: np.ascontiguousarray(data)[None, None]})
+                running[slot] = (window, axes)
+            for request, job in zip(requests, running):
+                if job is not None:
+                    stitch(request, *job)
+            del requests, compiled  # a fold compiled here frees its memory before the next one
         return normalize_in_place(accumulator, plan, len(self.models) * len(mirrors))
 
 

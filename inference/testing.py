@@ -57,6 +57,14 @@ def write_weights(
     return manifest
 
 
+class SigmoidOfInput(torch.nn.Module):
+    """A stand-in network whose vessel probability is sigmoid(input): stitching must return
+    exactly sigmoid(volume) whatever the windows, weights, mirrors and device."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), x], dim=1)
+
+
 def tube_case(shape: tuple[int, int, int], seed: int = 0, tubes: int = 6):
     """A uint16 ``(z, y, x)`` volume and its uint8 label: ``tubes`` bright straight tubes
     (radius 1.5-3 voxels) between random points, on a noisy, slowly varying background."""

@@ -3,11 +3,13 @@
 On CUDA the volume, the windows, the folds' passes and the stitched sum all stay on the GPU;
 only the final probability map comes back. Windows go through the network in batches; every
 fold sees the same batch before the next one is cut, so a single accumulator holds the sum of
-all folds (no per-fold volume).
+all folds (no per-fold volume). On CUDA every batch has one shape (the last one padded), and
+cuDNN times its kernels for it once, when the backend is created.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,16 +19,32 @@ from torch import nn
 from inference.backends import Progress, VesselProbability, available_cpus
 from inference.sliding_window import WindowPlan, normalize_in_place
 
-# Windows per batch: 2 fills a GPU with 128^3 patches; 1 keeps CPU memory low for no loss.
-DEFAULT_BATCH = {"cuda": 2, "cpu": 1}
+# Voxels per batch on CUDA: two 128^3 windows, or 37 of the shipped 48^3. On an H200 the five
+# folds' passes over a 256^3 volume took 7.2 s in batches of 4 windows, 3.4 s of 16, 3.0 s of
+# 37 and 3.7 s of 64 (bench/gpu_checks.sh). On the CPU one window at a time keeps memory low.
+CUDA_BATCH_VOXELS = 2 * 128**3
+
+
+def default_batch_size(device_type: str, patch: Sequence[int]) -> int:
+    """Windows per network call when none is asked for."""
+    if device_type != "cuda":
+        return 1
+    return max(1, CUDA_BATCH_VOXELS // math.prod(patch))
 
 
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, nets: Sequence[nn.Module], device: str, batch_size: int | None = None):
+    def __init__(
+        self,
+        nets: Sequence[nn.Module],
+        device: str,
+        patch: Sequence[int],
+        batch_size: int | None = None,
+    ):
         self.torch_device = torch.device(device)
-        self.batch_size = batch_size or DEFAULT_BATCH[self.torch_device.type]
+        self.patch = tuple(patch)
+        self.batch_size = batch_size or default_batch_size(self.torch_device.type, patch)
         cuda = self.torch_device.type == "cuda"
         if cuda:
             torch.backends.cudnn.benchmark = True  # fixed patch shape: pick the fastest kernels
@@ -46,6 +64,15 @@ class TorchBackend:
             VesselProbability(net).to(self.torch_device, memory_format=memory_format).eval()
             for net in nets
         ]
+        if cuda:
+            self.warm_up()
+
+    def warm_up(self) -> None:
+        """One batch of zeros through every fold: cuDNN times its kernels for the one batch shape
+        :meth:`predict` uses (seconds, once per process) while the models load, not in a case."""
+        batch = torch.zeros(self.batch_size, 1, *self.patch, device=self.torch_device)
+        with torch.inference_mode():
+            self.passes(batch, [()])
 
     def passes(self, batch: torch.Tensor, mirrors: Sequence[tuple[int, ...]]) -> torch.Tensor:
         """Sum over folds and mirrors of the vessel probability of ``batch`` (N, 1, Z, Y, X)."""
@@ -76,10 +103,15 @@ class TorchBackend:
         accumulator = torch.zeros(volume.shape, dtype=torch.float32, device=device)
         importance = torch.from_numpy(plan.importance()).to(device)
         windows = list(plan.windows())
-        for first in range(0, len(windows), self.batch_size):
-            batch_windows = windows[first : first + self.batch_size]
+        size = self.batch_size
+        for first in range(0, len(windows), size):
+            batch_windows = windows[first : first + size]
             batch = torch.stack([source[w] for w in batch_windows])[:, None]
-            total = self.passes(batch, mirrors)
+            if device.type == "cuda" and len(batch_windows) < size:  # one shape: tuned kernels
+                batch = torch.cat(
+                    [batch, batch.new_zeros(size - len(batch_windows), *batch.shape[1:])]
+                )
+            total = self.passes(batch, mirrors)[: len(batch_windows)]
             total *= importance
             for window, probability in zip(batch_windows, total):
                 accumulator[window] += probability

@@ -10,7 +10,6 @@ import SimpleITK as sitk
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
-from torch import nn
 
 from inference import backends, openvino_backend
 from inference.io import write_image_atomically
@@ -18,7 +17,8 @@ from inference.openvino_backend import OpenVINOBackend, prepare
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry, normalize
 from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, window_starts
-from inference.testing import TEST_NORMALIZATION, tube_case, write_weights
+from inference.testing import TEST_NORMALIZATION, SigmoidOfInput, tube_case, write_weights
+from inference.thin_conv import BlockedConv3d, with_blocked_spatial_convs
 from inference.torch_backend import TorchBackend
 from model.network import Architecture, VesselUNet
 from model.weights import FoldEntry, Manifest, load_ensemble, save_fold, write_manifest
@@ -44,14 +44,6 @@ def weights(tmp_path_factory):
 
 def geometry_of(shape, spacing=(1.0, 1.0, 1.0)) -> Geometry:
     return Geometry(tuple(shape), tuple(spacing), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-
-
-class SigmoidOfInput(nn.Module):
-    """A stand-in network whose vessel probability is sigmoid(input): stitching must return
-    exactly sigmoid(volume) whatever the windows, weights and mirrors."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([torch.zeros_like(x), x], dim=1)
 
 
 def test_window_starts_cover_every_voxel_like_nnunet():
@@ -87,16 +79,19 @@ def test_pad_to_patch_centres_and_crops_back():
     assert same is padded
 
 
-@pytest.mark.parametrize("backend", ["torch", "openvino"])
-def test_stitching_is_exact_for_a_known_network(backend):
+@pytest.mark.parametrize("backend", ["torch", "openvino", "openvino-compiled-per-case"])
+def test_stitching_is_exact_for_a_known_network(backend, monkeypatch):
     rng = np.random.default_rng(0)
     volume = rng.normal(0, 2, (40, 50, 36)).astype(np.float32)
     plan = WindowPlan.create(volume.shape, PATCH, 0.5)
     nets = [SigmoidOfInput(), SigmoidOfInput()]
     if backend == "torch":
-        runner = TorchBackend(nets, "cpu", batch_size=3)
-    else:
+        runner = TorchBackend(nets, "cpu", PATCH, batch_size=3)
+    else:  # small patches keep their folds compiled; large ones compile a fold at a time
+        resident = backend == "openvino"
+        monkeypatch.setattr(openvino_backend, "RESIDENT_PATCH_VOXELS", 64**3 if resident else 0)
         runner = OpenVINOBackend(nets, ["sigmoid-a", "sigmoid-b"], PATCH, precision="f32")
+        assert (runner.resident is not None) == resident
     counted = []
     probability = runner.predict(volume, plan, mirror_axes(True), counted.append)
     np.testing.assert_allclose(probability, 1 / (1 + np.exp(-volume)), atol=1e-5)
@@ -162,11 +157,14 @@ def test_openvino_models_are_prepared_then_cached(weights, tmp_path, monkeypatch
     def no_conversion(*args):
         raise AssertionError("converted although a prepared or cached model exists")
 
-    OpenVINOBackend(nets, hashes, PATCH)  # cold: converts, then caches
+    volume = normalize(tube_case((40, 32, 36), seed=8)[0].astype(np.float32), TEST_NORMALIZATION)
+    plan = WindowPlan.create(volume.shape, PATCH, 0.5)
+    cold = OpenVINOBackend(nets, hashes, PATCH).predict(volume, plan, [()])  # converts, caches
     assert len(list(cache.glob("*.xml"))) == 1 and len(list(cache.glob("*.bin"))) == 1
     with monkeypatch.context() as patch:
         patch.setattr(openvino_backend, "convert", no_conversion)
-        OpenVINOBackend(nets, hashes, PATCH)  # warm: reads the cache
+        warm = OpenVINOBackend(nets, hashes, PATCH).predict(volume, plan, [()])  # reads the cache
+    np.testing.assert_array_equal(warm, cold)  # the IR's fp16 constants in both runs
     prepared = tmp_path / "prepared"
     assert [path.parent for path in prepare(weights, prepared)] == [prepared, prepared]  # 2 folds
     for path in cache.iterdir():
@@ -246,3 +244,31 @@ def test_normalization_ignores_the_field_of_view_fill():
             assert 0.3 < np.median(a[vessels]) < 0.7 and np.median(a[~vessels]) < 0.1
         else:
             assert difference > 0.3  # what the test guards against
+
+
+@pytest.mark.parametrize(
+    "channels, kernel, block, size",
+    [
+        ((2, 1), 7, (2, 2, 4), (24, 12, 16)),
+        ((3, 2), 3, (2, 2, 2), (8, 6, 4)),
+        ((2, 1), 5, (1, 2, 4), (5, 6, 8)),
+    ],
+)
+def test_blocked_convolution_equals_the_plain_one(channels, kernel, block, size):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(*channels, kernel, padding=kernel // 2)
+    x = torch.randn(2, channels[0], *size)
+    with torch.no_grad():
+        torch.testing.assert_close(BlockedConv3d(conv, block)(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_exported_network_keeps_its_output():
+    torch.manual_seed(1)
+    net = VesselUNet(Architecture(base_channels=4)).eval()
+    blocked = with_blocked_spatial_convs(net, (48, 32, 48))
+    kinds = [type(d.attention.spatial.conv).__name__ for d in blocked.decoders]
+    assert kinds == ["Conv3d", "BlockedConv3d", "BlockedConv3d", "BlockedConv3d"]  # 6x4x6: no
+    x = torch.randn(1, 1, 48, 32, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(blocked(x), net(x), atol=1e-4, rtol=1e-4)
+    assert type(net.decoders[-1].attention.spatial.conv) is torch.nn.Conv3d  # the original stays

@@ -12,11 +12,12 @@ sees). ``pooled/`` puts every site's cases into one dataset (centralised trainin
 ``siteK-alone/`` holds site K only; both link to the federation's files.
 
 Every run is ``python -m train`` (Flower simulation) with :data:`COMMON` settings. The
-shipped folds train for :data:`SHIPPED_ROUNDS` rounds; the comparisons (Tables 1 and 2) all
-train fold 0 for :data:`COMPARISON_ROUNDS` rounds, and their federated full-network row is
-fold 0's own checkpoint after that many rounds (a resumed run continues bit for bit, so this
-is the same model a separate run would give). Evaluation runs ``process.py`` (the container's
-entry point) on the test set and scores with ``metrics``.
+shipped fold 0 trains for :data:`SHIPPED_ROUNDS` rounds, and so do Table 1's two variants
+(:data:`ABLATION_ROUNDS`), whose full-network row is that fold 0. Table 2's runs train fold 0
+for :data:`COMPARISON_ROUNDS` rounds, and their federated row is fold 0's own checkpoint after
+that many rounds (a resumed run continues bit for bit, so this is the same model a separate
+run would give). Evaluation runs ``process.py`` (the container's entry point) on the test set
+and scores with ``metrics``; each folder of masks is made again only when its weights change.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ COMMON = {
 }
 SHIPPED_ROUNDS = 9  # fold 0, from a seeded model
 WARM_ROUNDS = 1  # folds 1-4, each starting from fold 0's exported model
-COMPARISON_ROUNDS = 2
+COMPARISON_ROUNDS = 2  # Table 2's runs
+ABLATION_ROUNDS = SHIPPED_ROUNDS  # Table 1: each variant as long as the shipped fold 0
 CANDIDATE_FRACTIONS = (0.01, 0.1, 0.3, 1.0)  # 1.0 keeps the largest component only
 TABLE_METRICS = ("Dice", "Re", "Pr", "clDice", "clRe", "clPr", "Jaccard", "VS", "bAHD")
 
@@ -72,8 +74,8 @@ class Run:
 RUNS: dict[str, Run] = {
     "fold0": Run("federation", 0, SHIPPED_ROUNDS),
     **{f"fold{f}": Run("federation", f, WARM_ROUNDS, init_from_fold0=True) for f in (1, 2, 3, 4)},
-    "msfe-only": Run("federation", settings=(("hsca", False),)),
-    "hsca-only": Run("federation", settings=(("msfe", False),)),
+    "msfe-only": Run("federation", rounds=ABLATION_ROUNDS, settings=(("hsca", False),)),
+    "hsca-only": Run("federation", rounds=ABLATION_ROUNDS, settings=(("msfe", False),)),
     "pooled": Run("pooled"),
     **{f"site{k}-alone": Run(f"site{k}-alone") for k in (1, 2, 3)},
 }
@@ -156,10 +158,16 @@ def train(name: str) -> None:
 
 def predict(weights: Path, folds: list[int], out: Path, images: Path = DATA / "test" / "input"
             ) -> Path:
-    """Masks of ``images`` without component cleaning (``process.py --no-postprocess``)."""
-    if not (out / "results.json").exists():
+    """Masks of ``images`` without component cleaning (``process.py --no-postprocess``), kept
+    in ``out`` and made again only when the folds' weight files changed."""
+    manifest = load_manifest(weights)
+    made_by = json.dumps({str(f): manifest.fold_entry(f).sha256 for f in folds}, indent=1)
+    stamp = out / "weights.json"
+    if not (stamp.is_file() and stamp.read_text() == made_by):
+        shutil.rmtree(out, ignore_errors=True)
         python("process.py", "--input", str(images), "--output", str(out),
                "--weights", str(weights), "--folds", *map(str, folds), "--no-postprocess")
+        stamp.write_text(made_by)
     return out
 
 
@@ -257,10 +265,9 @@ def evaluate() -> None:
     per_site = {f"test site {k}{' (unseen acquisition)' if k == 4 else ''}":
                 score(ensemble_cc, f"site{k}_") for k in (1, 2, 3, 4)}
     tables = {
-        "Table 1: the network's modules (fold 0, federated, "
-        f"{COMPARISON_ROUNDS} rounds)": {
+        f"Table 1: the network's modules (fold 0, federated, up to {ABLATION_ROUNDS} rounds)": {
             "MSFE only": rows.get("msfe-only"), "HSCA only": rows.get("hsca-only"),
-            "HSCA + MSFE": rows.get("federated")},
+            "HSCA + MSFE (shipped fold 0)": shipped_rows["fold 0 alone, with CC"]},
         f"Table 2: what federation buys (full network, fold 0, {COMPARISON_ROUNDS} rounds)": {
             "federated (3 sites)": rows.get("federated"),
             "centralised (pooled data)": rows.get("pooled"),
