@@ -19,8 +19,6 @@ from model.network import Architecture, VesselUNet
 from model.weights import Manifest, save_fold, write_manifest
 from postprocess import DEFAULT_SETTINGS
 
-TEST_NORMALIZATION = DEFAULT_NORMALIZATION
-
 
 def write_weights(
     directory: str | Path,
@@ -48,7 +46,7 @@ def write_weights(
         architecture=nets[0].architecture,
         patch_size=tuple(patch),
         target_spacing=tuple(target_spacing),
-        normalization=dict(TEST_NORMALIZATION),
+        normalization=dict(DEFAULT_NORMALIZATION),
         postprocess=dict(postprocess if postprocess is not None else DEFAULT_SETTINGS.to_dict()),
         folds=entries,
         provenance={"source": "random initialisation (tests and benchmarks)", "seed": seed},
@@ -125,7 +123,7 @@ def fit_head(
     from inference.preprocessing import normalize
 
     volume, label = case if case is not None else tube_case((size,) * 3, seed=seed, tubes=10)
-    image = torch.from_numpy(normalize(volume.astype(np.float32), TEST_NORMALIZATION))
+    image = torch.from_numpy(normalize(volume.astype(np.float32), DEFAULT_NORMALIZATION))
     calibrate_batch_norm(net, image[None, None])
     captured = {}
     hook = net.head.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))

@@ -1,6 +1,5 @@
 """Sliding windows, stitching, backends and the predictor, on narrow networks and small volumes."""
 
-import hashlib
 import itertools
 import os
 
@@ -17,11 +16,18 @@ from inference.openvino_backend import OpenVINOBackend, prepare
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry, normalize
 from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, window_starts
-from inference.testing import TEST_NORMALIZATION, SigmoidOfInput, tube_case, write_weights
+from inference.testing import SigmoidOfInput, tube_case, write_weights
 from inference.thin_conv import BlockedConv3d, with_blocked_spatial_convs
 from inference.torch_backend import TorchBackend
 from model.network import Architecture, VesselUNet
-from model.weights import FoldEntry, Manifest, load_ensemble, save_fold, write_manifest
+from model.weights import (
+    FoldEntry,
+    Manifest,
+    load_ensemble,
+    save_fold,
+    sha256_hex,
+    write_manifest,
+)
 from phantoms import generate_case
 
 PATCH = (32, 32, 32)
@@ -157,7 +163,7 @@ def test_openvino_models_are_prepared_then_cached(weights, tmp_path, monkeypatch
     def no_conversion(*args):
         raise AssertionError("converted although a prepared or cached model exists")
 
-    volume = normalize(tube_case((40, 32, 36), seed=8)[0].astype(np.float32), TEST_NORMALIZATION)
+    volume = normalize(tube_case((40, 32, 36), seed=8)[0].astype(np.float32), DEFAULT_NORMALIZATION)
     plan = WindowPlan.create(volume.shape, PATCH, 0.5)
     cold = OpenVINOBackend(nets, hashes, PATCH).predict(volume, plan, [()])  # converts, caches
     assert len(list(cache.glob("*.xml"))) == 1 and len(list(cache.glob("*.bin"))) == 1
@@ -187,9 +193,10 @@ def test_broken_weights_give_an_error_not_an_empty_mask(tmp_path):
     tensors["head.bias"][1] = float("nan")
     data = save_safetensors(tensors, metadata=metadata)
     path.write_bytes(data)
-    entry = FoldEntry(0, path.name, hashlib.sha256(data).hexdigest(), len(data))
+    entry = FoldEntry(0, path.name, sha256_hex(data), len(data))
     write_manifest(
-        tmp_path, Manifest(net.architecture, PATCH, (1.0,) * 3, TEST_NORMALIZATION, folds=[entry])
+        tmp_path,
+        Manifest(net.architecture, PATCH, (1.0,) * 3, DEFAULT_NORMALIZATION, folds=[entry]),
     )
     predictor = Predictor(tmp_path, PredictorSettings(backend="torch", device="cpu"))
     case, _ = tube_case((32, 32, 32))

@@ -38,6 +38,7 @@ import SimpleITK as sitk
 from metrics.evaluate import evaluate_folders, summarize
 from model.weights import load_manifest, write_manifest
 from postprocess import CleaningSettings, clean_mask
+from train.data import list_cases
 from train.folds import split_cases
 
 ROOT = Path("work/study")
@@ -88,19 +89,22 @@ def python(*args: str) -> None:
 
 # -- data ---------------------------------------------------------------------------------
 
+def phantoms(out: Path, spec: dict, *options: str) -> None:
+    """``python -m phantoms`` for ``spec`` (cases per site, cube size, seed, sites)."""
+    python("-m", "phantoms", "--out", str(out), "--cases", str(spec["cases"]),
+           "--size", *[str(spec["size"])] * 3, "--seed", str(spec["seed"]),
+           "--sites", str(spec["sites"]), *options)
+
+
 def make_data() -> None:
     """Write the federation, the held-out test set and the pooled and single-site views."""
     federation = DATA / "federation"
     if not federation.exists():
-        python("-m", "phantoms", "--out", str(federation), "--cases", str(FEDERATION["cases"]),
-               "--size", *[str(FEDERATION["size"])] * 3, "--seed", str(FEDERATION["seed"]),
-               "--sites", str(FEDERATION["sites"]))
+        phantoms(federation, FEDERATION)
     test = DATA / "test"
     if not test.exists():
         staging = DATA / "test-sites"
-        python("-m", "phantoms", "--out", str(staging), "--cases", str(TEST_SET["cases"]),
-               "--size", *[str(TEST_SET["size"])] * 3, "--seed", str(TEST_SET["seed"]),
-               "--sites", str(TEST_SET["sites"]), "--layout", "challenge")
+        phantoms(staging, TEST_SET, "--layout", "challenge")
         for part in ("input", "ground_truth"):  # one flat folder of all sites' cases
             (test / part).mkdir(parents=True)
             for file in sorted(staging.glob(f"site*/{part}/*")):
@@ -189,14 +193,13 @@ def tune_postprocess(weights: Path) -> float:
     validation cases (never the test set) and write it into ``weights``' manifest."""
     cases = RESULTS / "fold0-validation"
     for site in sorted(p for p in (DATA / "federation").iterdir() if (p / "imagesTr").is_dir()):
-        names = {f.name.removesuffix("_0000.nii.gz") for f in (site / "imagesTr").iterdir()}
-        for name in split_cases(sorted(names), 0)[1]:
-            for part, file in (("input", f"imagesTr/{name}_0000.nii.gz"),
-                               ("ground_truth", f"labelsTr/{name}.nii.gz")):
-                link = cases / part / Path(file).name
+        site_cases = list_cases(site)
+        for name in split_cases(sorted(site_cases), 0)[1]:
+            for part, file in zip(("input", "ground_truth"), site_cases[name]):
+                link = cases / part / file.name
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
-                    link.symlink_to((site / file).resolve())
+                    link.symlink_to(file.resolve())
     raw = predict(weights, [0], RESULTS / "fold0-validation-masks", cases / "input")
     dice_by_fraction = {}
     for fraction in CANDIDATE_FRACTIONS:
