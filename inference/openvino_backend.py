@@ -92,11 +92,11 @@ def load_or_convert(
     model = convert(net, patch)
     try:
         save_ir(model, cache_dir() / name)
-        return read_ir(core, cache_dir() / name, patch)
     except OSError:  # a read-only cache: a private folder for this once
         with tempfile.TemporaryDirectory() as folder:
             save_ir(model, Path(folder) / name)
             return read_ir(core, Path(folder) / name, patch)
+    return read_ir(core, cache_dir() / name, patch)
 
 
 def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:

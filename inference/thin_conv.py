@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.network import VesselUNet
+
 BLOCK = (2, 2, 4)  # 16 output voxels per position: one AVX-512 vector of fp32, two of bf16
 
 
@@ -85,8 +87,6 @@ class BlockedConv3d(nn.Module):
 def with_blocked_spatial_convs(net: nn.Module, patch: Sequence[int]) -> nn.Module:
     """A copy of ``net`` whose HSCA spatial convolutions are :class:`BlockedConv3d` wherever
     that decoder stage's map (for input ``patch``) divides into :data:`BLOCK` cells."""
-    from model.network import VesselUNet
-
     if not isinstance(net, VesselUNet) or not net.architecture.hsca:
         return net
     net = copy.deepcopy(net)

@@ -181,6 +181,19 @@ def test_openvino_models_are_prepared_then_cached(weights, tmp_path, monkeypatch
     assert not list(cache.iterdir())
 
 
+def test_an_unwritable_cache_still_gives_the_cached_models_result(weights, tmp_path, monkeypatch):
+    manifest, nets = load_ensemble(weights, [0])
+    hashes = [manifest.fold_entry(0).sha256]
+    volume = normalize(tube_case((40, 32, 36), seed=8)[0].astype(np.float32), DEFAULT_NORMALIZATION)
+    plan = WindowPlan.create(volume.shape, PATCH, 0.5)
+    monkeypatch.setenv("VESSEL_SEG_CACHE", str(tmp_path / "cache"))
+    cached = OpenVINOBackend(nets, hashes, PATCH).predict(volume, plan, [()])
+    (tmp_path / "file").write_text("a file, not a folder\n")
+    monkeypatch.setenv("VESSEL_SEG_CACHE", str(tmp_path / "file" / "cache"))  # even for root
+    private = OpenVINOBackend(nets, hashes, PATCH).predict(volume, plan, [()])
+    np.testing.assert_array_equal(private, cached)
+
+
 def test_broken_weights_give_an_error_not_an_empty_mask(tmp_path):
     # save_fold refuses non-finite tensors, so the NaN goes into a written file, as a file
     # damaged or made elsewhere would carry it; the manifest then matches the damaged file.
