@@ -38,7 +38,7 @@ bench-federation: venv
 	$(PYTHON) bench/bench_federation.py
 
 sample: venv
-	$(PYTHON) -m phantoms --out test/sample --cases 1 --size 128 128 128 --seed 2026 --layout challenge --name sample
+	$(PYTHON) -m phantoms --out test/sample --cases 1 --size 128 128 128 --seed 2026 --layout challenge --name sample --family reference
 
 bench-phantoms: venv
 	$(PYTHON) bench/bench_phantoms.py

@@ -277,7 +277,7 @@ def main() -> int:
         "--weights", type=Path, help="weights folder (default: shipped, else fitted random folds)"
     )
     args = parser.parse_args()
-    from inference.backends import available_cpus
+    from inference.backend_base import available_cpus
 
     args.threads = args.threads or available_cpus()
     args.shape = tuple(args.shape or (args.size,) * 3)

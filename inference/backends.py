@@ -1,8 +1,9 @@
-"""Where the network runs: choosing the device and the backend, and what every backend does.
+"""Where the network runs: choosing the device and the backend.
 
 A backend turns a normalised volume (already padded to at least one patch) and a
 :class:`~inference.sliding_window.WindowPlan` into the folds' mean vessel probability, stitched
-with Gaussian importance. Two implementations:
+with Gaussian importance (the protocol: :class:`inference.backend_base.Backend`). Two
+implementations:
 
 - :class:`~inference.torch_backend.TorchBackend`: PyTorch on CUDA (bf16/fp16 autocast,
   channels-last 3D, everything on the GPU) or, as the fallback, eager fp32 on the CPU;
@@ -12,68 +13,17 @@ with Gaussian importance. Two implementations:
 
 from __future__ import annotations
 
-import math
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from inference.sliding_window import WindowPlan
+from inference.backend_base import Backend, BackendError
+from inference.torch_backend import TorchBackend
 
 DEVICES = ("auto", "cuda", "cpu")
-IR_FOLDER = "openvino"  # prepared OpenVINO models inside a weights folder
 BACKENDS = ("auto", "torch", "openvino")
-
-Progress = Callable[[int], None]
-
-
-class BackendError(RuntimeError):
-    """A device or backend that cannot be used here; one line saying why."""
-
-
-class Backend(Protocol):
-    name: str  # "torch" or "openvino"
-    device: str  # e.g. "cpu (2 threads)" or "cuda:0 (NVIDIA H100)"
-    precision: str  # arithmetic of the network passes, e.g. "bf16"
-
-    def predict(
-        self,
-        volume: np.ndarray,
-        plan: WindowPlan,
-        mirrors: Sequence[tuple[int, ...]],
-        progress: Progress | None = None,
-    ) -> np.ndarray:
-        """Mean vessel probability of all folds (and mirrors), float32, ``volume``'s shape."""
-        ...
-
-
-class VesselProbability(nn.Module):
-    """The network followed by its vessel probability ``softmax(logits)[:, 1]``, computed as
-    ``sigmoid(l_1 - l_0)`` (equal for two classes): output ``(N, Z, Y, X)``."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.net(x).float()  # under autocast: the difference in fp32, not bf16
-        return torch.sigmoid(logits[:, 1] - logits[:, 0])
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: its affinity, capped by a cgroup v2 quota (``docker --cpus``)."""
-    count = len(os.sched_getaffinity(0))
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return count
-    if quota != "max":
-        count = min(count, max(1, math.floor(int(quota) / int(period))))
-    return count
 
 
 def openvino_available() -> bool:
@@ -124,10 +74,8 @@ def create_backend(
         device = "cpu"  # asking for OpenVINO is asking for the CPU
     device = resolve_device(device)
     backend = resolve_backend(backend, device)
-    if backend == "openvino":
+    if backend == "openvino":  # imported here: OpenVINO is optional (eager torch without it)
         from inference.openvino_backend import OpenVINOBackend
 
         return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs)
-    from inference.torch_backend import TorchBackend
-
     return TorchBackend(nets, device, patch, batch_size=batch_size)

@@ -30,7 +30,7 @@ import openvino as ov
 import torch
 from torch import nn
 
-from inference.backends import IR_FOLDER, Progress, VesselProbability, available_cpus
+from inference.backend_base import IR_FOLDER, Progress, VesselProbability, available_cpus
 from inference.sliding_window import WindowPlan, normalize_in_place
 from inference.thin_conv import with_blocked_spatial_convs
 

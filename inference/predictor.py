@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
-from inference.backends import IR_FOLDER, Backend, Progress, create_backend
+from inference.backend_base import IR_FOLDER, Backend, Progress
+from inference.backends import create_backend
 from inference.preprocessing import (
     Geometry,
     InputError,
@@ -25,6 +28,7 @@ from inference.preprocessing import (
     to_input_grid,
 )
 from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch
+from inference.torch_backend import TorchBackend
 from model.weights import Manifest, load_ensemble
 from postprocess import CleaningSettings, clean_mask
 
@@ -60,30 +64,51 @@ class Segmentation:
 
 
 class Predictor:
-    """The fold ensemble of a weights folder on one backend."""
+    """The fold ensemble of a weights folder on one backend.
+
+    :meth:`from_networks` builds one around networks in memory (as nnU-Net's
+    ``manual_initialization``), so that training validation segments exactly as the
+    container does.
+    """
 
     def __init__(self, weights: str | Path, settings: PredictorSettings | None = None):
-        self.settings = settings or PredictorSettings()
-        if not 0 <= self.settings.overlap < 1:
-            raise ValueError(f"overlap must be in [0, 1), got {self.settings.overlap}")
+        settings = settings or PredictorSettings()
         weights = Path(weights)
-        self.manifest: Manifest
-        self.manifest, nets = load_ensemble(weights, self.settings.folds)
-        self.folds = self.settings.folds or [entry.fold for entry in self.manifest.folds]
-        self.cleaning = CleaningSettings.from_dict(
-            self.manifest.postprocess, **self.settings.postprocess_overrides
-        )
-        hashes = [self.manifest.fold_entry(fold).sha256 for fold in self.folds]
-        self.backend: Backend = create_backend(
+        manifest, nets = load_ensemble(weights, settings.folds)
+        folds = settings.folds or [entry.fold for entry in manifest.folds]
+        backend = create_backend(
             nets,
-            hashes,
-            self.manifest.patch_size,
-            device=self.settings.device,
-            backend=self.settings.backend,
+            [manifest.fold_entry(fold).sha256 for fold in folds],
+            manifest.patch_size,
+            device=settings.device,
+            backend=settings.backend,
             ir_dirs=[weights / IR_FOLDER],
-            batch_size=self.settings.batch_size,
+            batch_size=settings.batch_size,
         )
-        self.mirrors = mirror_axes(self.settings.tta)
+        self._set_up(manifest, folds, backend, settings)
+
+    @classmethod
+    def from_networks(
+        cls, nets: Sequence[nn.Module], manifest: Manifest, settings: PredictorSettings,
+        device: str, autocast: torch.dtype | None = None,
+    ) -> Predictor:
+        """A predictor for networks in memory on the torch backend (``autocast``: e.g. bf16
+        where the CPU has it, as training uses)."""
+        backend = TorchBackend(nets, device, manifest.patch_size, settings.batch_size, autocast)
+        predictor = cls.__new__(cls)
+        predictor._set_up(manifest, list(range(len(nets))), backend, settings)
+        return predictor
+
+    def _set_up(
+        self, manifest: Manifest, folds: list[int], backend: Backend, settings: PredictorSettings
+    ) -> None:
+        if not 0 <= settings.overlap < 1:
+            raise ValueError(f"overlap must be in [0, 1), got {settings.overlap}")
+        self.settings, self.manifest, self.folds, self.backend = settings, manifest, folds, backend
+        self.cleaning = CleaningSettings.from_dict(
+            manifest.postprocess, **settings.postprocess_overrides
+        )
+        self.mirrors = mirror_axes(settings.tta)
 
     def check(self, geometry: Geometry, source: str | Path) -> None:
         """Refuse volumes beyond the documented bounds (:data:`MAX_ANISOTROPY`,

@@ -10,19 +10,27 @@ cuDNN times its kernels for it once, when the backend is created.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import nn
 
-from inference.backends import Progress, VesselProbability, available_cpus
+from inference.backend_base import Progress, VesselProbability, available_cpus
 from inference.sliding_window import WindowPlan, normalize_in_place
 
 # Voxels per batch on CUDA: two 128^3 windows, or 37 of the shipped 48^3. On an H200 the five
 # folds' passes over a 256^3 volume took 7.2 s in batches of 4 windows, 3.4 s of 16, 3.0 s of
 # 37 and 3.7 s of 64 (bench/gpu_checks.sh). On the CPU one window at a time keeps memory low.
 CUDA_BATCH_VOXELS = 2 * 128**3
+
+
+def cuda_autocast_dtype() -> torch.dtype:
+    """bf16 where the GPU computes it natively (compute capability 8.0+), else fp16: torch's
+    ``is_bf16_supported()`` also says yes on a T4 (7.5), through slow emulation."""
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else (
+        torch.float16)
 
 
 def default_batch_size(device_type: str, patch: Sequence[int]) -> int:
@@ -41,23 +49,23 @@ class TorchBackend:
         device: str,
         patch: Sequence[int],
         batch_size: int | None = None,
+        cpu_autocast: torch.dtype | None = None,
     ):
+        """``cpu_autocast``: bf16 autocast on the CPU (training validation uses the training's
+        precision); the container's CPU path is OpenVINO, and this backend's CPU fallback fp32."""
         self.torch_device = torch.device(device)
         self.patch = tuple(patch)
         self.batch_size = batch_size or default_batch_size(self.torch_device.type, patch)
         cuda = self.torch_device.type == "cuda"
+        self.threads = None if cuda else available_cpus()
         if cuda:
-            torch.backends.cudnn.benchmark = True  # fixed patch shape: pick the fastest kernels
-            self.autocast_dtype = (
-                torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            )
+            self.autocast_dtype = cuda_autocast_dtype()
             self.precision = str(self.autocast_dtype).removeprefix("torch.")
             self.device = f"{device}:{torch.cuda.current_device()} ({torch.cuda.get_device_name()})"
         else:
-            torch.set_num_threads(available_cpus())
-            self.autocast_dtype = None
-            self.precision = "float32"
-            self.device = f"cpu ({torch.get_num_threads()} threads)"
+            self.autocast_dtype = cpu_autocast
+            self.precision = str(cpu_autocast or torch.float32).removeprefix("torch.")
+            self.device = f"cpu ({self.threads} threads)"
         memory_format = torch.channels_last_3d if cuda else torch.contiguous_format
         self.memory_format = memory_format
         self.nets = [
@@ -67,11 +75,25 @@ class TorchBackend:
         if cuda:
             self.warm_up()
 
+    @contextmanager
+    def torch_settings(self) -> Iterator[None]:
+        """This backend's thread count and cuDNN autotuning (a fixed patch shape: the fastest
+        kernels), restored afterwards so that the caller's process is left as it was."""
+        saved = torch.get_num_threads(), torch.backends.cudnn.benchmark
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        torch.backends.cudnn.benchmark = self.torch_device.type == "cuda"
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved[0])
+            torch.backends.cudnn.benchmark = saved[1]
+
     def warm_up(self) -> None:
         """One batch of zeros through every fold: cuDNN times its kernels for the one batch shape
         :meth:`predict` uses (seconds, once per process) while the models load, not in a case."""
         batch = torch.zeros(self.batch_size, 1, *self.patch, device=self.torch_device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.torch_settings():
             self.passes(batch, [()])
 
     def passes(self, batch: torch.Tensor, mirrors: Sequence[tuple[int, ...]]) -> torch.Tensor:
@@ -90,13 +112,22 @@ class TorchBackend:
                 total += probability.flip([a + 1 for a in axes]) if axes else probability
         return total
 
-    @torch.inference_mode()
     def predict(
         self,
         volume: np.ndarray,
         plan: WindowPlan,
         mirrors: Sequence[tuple[int, ...]],
         progress: Progress | None = None,
+    ) -> np.ndarray:
+        with torch.inference_mode(), self.torch_settings():
+            return self._stitch(volume, plan, mirrors, progress)
+
+    def _stitch(
+        self,
+        volume: np.ndarray,
+        plan: WindowPlan,
+        mirrors: Sequence[tuple[int, ...]],
+        progress: Progress | None,
     ) -> np.ndarray:
         device = self.torch_device
         source = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32)).to(device)

@@ -8,7 +8,10 @@ Cerebral Small Vessel Diseases using Multi-scale Hybrid Spatial Deep Learning Ap
 - MSFE at the bottleneck: parallel branches with growing receptive fields (1x1x1, 3x3x3 with
   dilation 1, 2 and 4, and global context), concatenated, fused by a 1x1x1 conv, added to the
   input (residual);
-- decoder D1..D4: 2x2x2 transposed conv with stride 2; HSCA fuses the upsampled decoder map with
+- decoder D1..D4: trilinear 2x upsampling and a 1x1x1 conv to the stage's width (the paper's
+  "3D up-sampling using bi-linear up-sampling"; ``upsampling="transposed"`` selects a 2x2x2
+  stride-2 transposed conv instead, the layout of weights made before format 2); HSCA fuses
+  the upsampled decoder map with
   its encoder skip (channel attention from average- and max-pooled descriptors, then spatial
   attention from channel-pooled maps, as in CBAM), then two 3x3x3 conv + BN + ReLU;
 - head: 1x1x1 conv to 2 classes (background, vessel). ``forward`` returns logits; the
@@ -19,8 +22,8 @@ the skip is fused by plain concatenation, without MSFE the bottleneck is the E5 
 
 Cost of the full network (``base_channels=16``, both modules), counted with
 ``torch.utils.flop_counter`` on a 96^3 patch (``python -m model.network``):
-7.11 M parameters, 116 kFLOP per voxel (a multiply-add counts 2 FLOPs). MSFE only: 7.09 M;
-HSCA only: 5.67 M.
+6.81 M parameters, 114 kFLOP per voxel (a multiply-add counts 2 FLOPs). MSFE only: 6.78 M;
+HSCA only: 5.37 M. With transposed-conv upsampling: 7.11 M, 116 kFLOP per voxel.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 DOWNSAMPLING = 16  # four 2x2x2 poolings: every spatial size must be a multiple of this
+UPSAMPLINGS = ("trilinear", "transposed")
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class Architecture:
     msfe: bool = True
     in_channels: int = 1
     classes: int = 2
+    upsampling: str = "trilinear"  # the paper's decoder; "transposed": 2x2x2 stride-2 conv
+
+    def __post_init__(self) -> None:
+        if self.upsampling not in UPSAMPLINGS:
+            raise ValueError(f"upsampling {self.upsampling!r} is not one of {UPSAMPLINGS}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,12 +154,28 @@ class MSFE(nn.Module):
         return x + self.fuse(torch.cat(features, dim=1))
 
 
-class DecoderStage(nn.Module):
-    """Upsample by a 2x2x2 transposed conv, fuse with the skip (HSCA or concatenation), convolve."""
+def upsampler(in_channels: int, out_channels: int, mode: str) -> nn.Module:
+    """2x upsampling to ``out_channels``: trilinear interpolation and a 1x1x1 conv, or a 2x2x2
+    stride-2 transposed conv.
 
-    def __init__(self, in_channels: int, out_channels: int, hsca: bool):
+    The 1x1x1 conv runs before the interpolation: both are linear and the interpolation
+    weights sum to 1, so the order does not change the result (bias included), and the conv
+    then costs 1/8 of its work at the coarse resolution (as MONAI's ``UpSample`` pre_conv).
+    """
+    if mode == "transposed":
+        return nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2)
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 1),
+        nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False),
+    )
+
+
+class DecoderStage(nn.Module):
+    """Upsample 2x, fuse with the skip (HSCA or concatenation), convolve."""
+
+    def __init__(self, in_channels: int, out_channels: int, hsca: bool, upsampling: str):
         super().__init__()
-        self.up = nn.ConvTranspose3d(in_channels, out_channels, 2, stride=2)
+        self.up = upsampler(in_channels, out_channels, upsampling)
         self.attention = HSCA(2 * out_channels) if hsca else None
         self.conv = conv_block(2 * out_channels, out_channels)
 
@@ -177,7 +202,7 @@ class VesselUNet(nn.Module):
         self.pool = nn.MaxPool3d(2)
         self.bottleneck = MSFE(widths[-1]) if arch.msfe else nn.Identity()
         self.decoders = nn.ModuleList(
-            DecoderStage(widths[level + 1], widths[level], arch.hsca)
+            DecoderStage(widths[level + 1], widths[level], arch.hsca, arch.upsampling)
             for level in reversed(range(4))
         )
         self.head = nn.Conv3d(widths[0], arch.classes, 1)

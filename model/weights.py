@@ -24,7 +24,10 @@ from safetensors.torch import save as save_safetensors
 from model.network import Architecture, VesselUNet
 
 MANIFEST = "manifest.json"
-FORMAT = "vessel-unet-folds/1"
+FORMAT = "vessel-unet-folds/2"
+LEGACY_FORMATS = {"vessel-unet-folds/1": {"upsampling": "transposed"}}
+"""Older formats still read, with the architecture settings they implied: format 1 predates
+the ``upsampling`` switch, and its decoders upsampled by transposed convolutions."""
 
 
 class WeightError(ValueError):
@@ -65,11 +68,13 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = MANIFEST) -> Manifest:
-        if data.get("format") != FORMAT:
-            raise WeightError(f"{source}: format is {data.get('format')!r}, expected {FORMAT!r}")
+        version = data.get("format")
+        if version != FORMAT and version not in LEGACY_FORMATS:
+            raise WeightError(f"{source}: format is {version!r}, expected {FORMAT!r}")
         try:
+            implied = LEGACY_FORMATS.get(version, {})
             return cls(
-                architecture=Architecture.from_dict(data["architecture"]),
+                architecture=Architecture.from_dict({**implied, **data["architecture"]}),
                 patch_size=tuple(int(s) for s in data["patch_size"]),
                 target_spacing=tuple(float(s) for s in data["target_spacing"]),
                 normalization=dict(data["normalization"]),

@@ -8,6 +8,10 @@ N cases each, every site with its own acquisition profile (noise, blur, contrast
 field of view, vessel density), so that the federation is non-IID. With
 --layout challenge: DIR/input/NAME_0000.nii.gz and DIR/ground_truth/NAME.nii.gz, the
 container's input and the reference masks; --name renames a single case.
+
+--family randomised (default; training data: every structure's look drawn at random per
+case), reference (one fixed 3DRA-like look per site: the held-out test set, the sample) or
+independent (another generator, for evaluation only); see phantoms.dataset.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from phantoms.dataset import write_dataset
+from phantoms.dataset import FAMILIES, write_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         "challenge: input/NAME_0000.nii.gz and ground_truth/NAME.nii.gz",
     )
     parser.add_argument("--name", help="name of the single case (with --cases 1)")
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="randomised",
+        help="randomised: domain-randomised training data (default); reference: the fixed "
+        "3DRA-like look; independent: another generator, for evaluation only",
+    )
     return parser
 
 
@@ -67,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             spacing=args.spacing,
             layout=args.layout,
             name=args.name,
+            family=args.family,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -256,7 +256,7 @@ def _ramp(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0.0, 1.0)
 
 
-def _skull_base_slab(anatomy: Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def skull_base_slab(anatomy: Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Occupancy and cortical fraction of the skull-base plate in slices `z` (None if the
     slab misses it): depth below the top surface, cortical at both faces of the plate."""
     top = anatomy.base_height
@@ -270,7 +270,7 @@ def _skull_base_slab(anatomy: Anatomy, z: np.ndarray) -> tuple[np.ndarray, np.nd
     return occupancy, cortical
 
 
-def _calvarium_slab(
+def calvarium_slab(
     anatomy: Anatomy, z: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Occupancy and cortical fraction of the calvarium (inner table, diploe, outer table),
@@ -309,7 +309,7 @@ def tissue_and_bone_slab(
     """
     z = np.arange(z0, z1, dtype=np.float32)
     out = np.float32(profile.tissue_hu) + np.float32(profile.texture_hu) * texture
-    base, shell = _skull_base_slab(anatomy, z), _calvarium_slab(anatomy, z)
+    base, shell = skull_base_slab(anatomy, z), calvarium_slab(anatomy, z)
     if shell is not None:
         outside, air = shell[2], shell[3]
         scalp = (1 - air) * np.float32(profile.tissue_hu - 25.0) + air * np.float32(AIR_HU)

@@ -14,6 +14,12 @@ Layout "challenge" (what a SHINY-ICARUS container reads, plus the reference mask
 
 Every case's seed derives from (seed, site, case index) only, so a case can be regenerated
 alone and adding sites or cases never changes the others.
+
+Three families of phantoms (``family``): ``randomised`` (the default, for training:
+:mod:`phantoms.randomised`, the vessel model with every look drawn at random), ``reference``
+(:mod:`phantoms.generator`, one fixed 3DRA-like look per site: the project's held-out test
+set and the bundled sample) and ``independent`` (:mod:`phantoms.independent`, other code and
+another model of anatomy and imaging, for evaluation only: never train or tune on it).
 """
 
 from __future__ import annotations
@@ -27,11 +33,28 @@ import numpy as np
 import SimpleITK as sitk
 
 from phantoms.generator import check_shape, generate_case
+from phantoms.independent import generate_independent
 from phantoms.profiles import DEFAULT_PROFILE, SiteProfile, site_profile
+from phantoms.randomised import generate_randomised
 
 CHANNEL_NAMES = {"0": "3DRA"}
 LABELS = {"background": 0, "vessel": 1}
 FILE_ENDING = ".nii.gz"
+FAMILIES = ("randomised", "reference", "independent")
+
+
+def generate_family_case(
+    family: str, shape: tuple[int, int, int], seed: int, spacing: float, profile: SiteProfile
+) -> tuple[sitk.Image, sitk.Image]:
+    """One case of ``family`` as (16-bit image, uint8 label); the independent family has no
+    site profiles."""
+    if family == "randomised":
+        return generate_randomised(shape, seed, spacing, profile).to_sitk()
+    if family == "reference":
+        return generate_case(shape, seed, spacing, profile)
+    if family == "independent":
+        return generate_independent(shape, seed, spacing)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
 
 
 def case_seed(seed: int, site: int, index: int) -> int:
@@ -62,6 +85,7 @@ def dataset_json(
     spacing: float,
     seeds: dict[str, int],
     site: int,
+    family: str,
 ) -> dict:
     """nnU-Net v2 `dataset.json`, plus a `phantom` block recording how it was made."""
     return {
@@ -78,11 +102,12 @@ def dataset_json(
         "numTraining": n_cases,
         "file_ending": FILE_ENDING,
         "phantom": {
+            "family": family,
             "site": site or None,
             "shape_zyx": list(shape),
             "spacing_mm": spacing,
             "case_seeds": seeds,
-            "profile": dataclasses.asdict(profile),
+            "profile": None if family == "independent" else dataclasses.asdict(profile),
         },
     }
 
@@ -99,6 +124,7 @@ def _write_one_dataset(
     profile: SiteProfile,
     spacing: float,
     layout: str,
+    family: str,
 ) -> Path:
     images, labels = (root / folder for folder in LAYOUT_FOLDERS[layout])
     planned = {f"{n}_0000{FILE_ENDING}" for n in names} | {f"{n}{FILE_ENDING}" for n in names}
@@ -109,13 +135,13 @@ def _write_one_dataset(
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     for name, case in zip(names, seeds, strict=True):
-        image, label = generate_case(shape, case, spacing, profile)
+        image, label = generate_family_case(family, shape, case, spacing, profile)
         write_image(image, images / f"{name}_0000{FILE_ENDING}")
         write_image(label, labels / f"{name}{FILE_ENDING}")
     if layout == "nnunet":
         title = "Phantom3DRA" + (f"_site{site}" if site else "")
         seed_map = dict(zip(names, seeds, strict=True))
-        meta = dataset_json(title, len(names), profile, shape, spacing, seed_map, site)
+        meta = dataset_json(title, len(names), profile, shape, spacing, seed_map, site, family)
         (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root
 
@@ -131,6 +157,7 @@ def write_dataset(
     profile: SiteProfile | None = None,
     layout: str = "nnunet",
     name: str | None = None,
+    family: str = "randomised",
 ) -> list[Path]:
     """Write `cases` phantoms (per site) and return the dataset roots.
 
@@ -139,11 +166,14 @@ def write_dataset(
     cases `site<k>_000...`, site k made with `site_profile(k, seed)`. `layout` is "nnunet"
     (imagesTr/labelsTr/dataset.json) or "challenge" (input/ground_truth). `name` renames
     the single case of a single dataset (e.g. the bundled sample); its seed is unchanged.
+    ``family`` is one of :data:`FAMILIES` (see the module docstring).
     """
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
     if sites is not None and sites < 1:
         raise ValueError(f"sites must be >= 1, got {sites}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if layout not in LAYOUT_FOLDERS:
         raise ValueError(f"layout must be one of {sorted(LAYOUT_FOLDERS)}, got {layout!r}")
     if name is not None and (cases != 1 or sites is not None or not name.isidentifier()):
@@ -157,6 +187,6 @@ def write_dataset(
         names = [name] if name else [case_name(site, i) for i in range(cases)]
         seeds = [case_seed(seed, site, i) for i in range(cases)]
         roots.append(
-            _write_one_dataset(root, names, seeds, shape, site, site_prof, spacing, layout)
+            _write_one_dataset(root, names, seeds, shape, site, site_prof, spacing, layout, family)
         )
     return roots

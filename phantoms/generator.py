@@ -67,7 +67,7 @@ def check_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
-def _geometry(
+def random_geometry(
     shape: tuple[int, int, int], spacing: float, rng: np.random.Generator
 ) -> tuple[tuple[float, float, float], tuple[float, ...]]:
     """Origin and direction of a volume tilted by a few degrees around a random centre.
@@ -190,7 +190,7 @@ def generate_volume(
     grain = SmoothField(shape, max(2.0, GRAIN_MM / spacing), rng)
     tree = grow_tree(anatomy, spacing, profile, rng)
     label, signal, canal = _draw_vessels(tree, anatomy, spacing)
-    origin, direction = _geometry(shape, spacing, rng)
+    origin, direction = random_geometry(shape, spacing, rng)
     streaks = []
     if profile.streak_hu:
         streaks = make_streaks(anatomy, _streak_sources(tree, anatomy), profile.streak_hu, rng)

@@ -103,6 +103,27 @@ def save_preview(
     return picture.size
 
 
+def mip_panel(image_path: Path, masks: list[tuple[str, Path]], png_path: Path) -> Path:
+    """One row of MIPs per mask (e.g. truth and two models' predictions) over the same image,
+    each row titled, stacked into one PNG."""
+    image = sitk.ReadImage(str(image_path))
+    volume = sitk.GetArrayViewFromImage(image)
+    rows = []
+    for title, path in masks:
+        mask = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+        row = render_preview(volume, image.GetSpacing(), mask, auto_scale(volume.shape))
+        ImageDraw.Draw(row).text((3, row.height - 14), title, fill=(255, 255, 0))
+        rows.append(row)
+    canvas = Image.new("RGB", (max(r.width for r in rows), sum(r.height + GAP for r in rows)))
+    y = 0
+    for row in rows:
+        canvas.paste(row, (0, y))
+        y += row.height + GAP
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(png_path)
+    return Path(png_path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phantoms.preview",

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from inference import backends, openvino_backend
+from inference import backend_base, backends, openvino_backend, torch_backend
 from inference.io import write_image_atomically
 from inference.openvino_backend import OpenVINOBackend, prepare
 from inference.predictor import Predictor, PredictorSettings
@@ -102,6 +102,34 @@ def test_stitching_is_exact_for_a_known_network(backend, monkeypatch):
     probability = runner.predict(volume, plan, mirror_axes(True), counted.append)
     np.testing.assert_allclose(probability, 1 / (1 + np.exp(-volume)), atol=1e-5)
     assert sum(counted) == len(plan) * 2 * 8
+
+
+def test_torch_backend_leaves_the_process_settings_as_it_found_them(monkeypatch):
+    """Threads and cuDNN autotuning are the backend's only while it runs (nnU-Net restores
+    the thread count too): a training loop or a test in the same process keeps its own."""
+    monkeypatch.setattr(torch_backend, "available_cpus", lambda: 1)
+    before = torch.get_num_threads()
+    runner = TorchBackend([SigmoidOfInput()], "cpu", PATCH)
+    seen = []
+    volume = np.zeros((32, 32, 32), np.float32)
+    runner.predict(volume, WindowPlan.create(volume.shape, PATCH, 0.5), [()],
+                   lambda n: seen.append(torch.get_num_threads()))
+    assert runner.device == "cpu (1 threads)" and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_cuda_precision_is_chosen_by_native_support(monkeypatch):
+    """A T4 (compute capability 7.5) emulates bf16: fp16 there, bf16 from Ampere on."""
+    native = {"value": False}
+
+    def is_bf16_supported(including_emulation=True):
+        return True if including_emulation else native["value"]
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert torch_backend.cuda_autocast_dtype() == torch.float16
+    native["value"] = True
+    assert torch_backend.cuda_autocast_dtype() == torch.bfloat16
 
 
 def test_torch_and_openvino_backends_agree(weights):
@@ -241,7 +269,7 @@ def test_backend_choice_falls_back_to_eager_torch_without_openvino(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(backends.BackendError, match="no CUDA device"):
             backends.resolve_device("cuda")
-    assert backends.available_cpus() >= 1
+    assert backend_base.available_cpus() >= 1
 
 
 def test_normalization_ignores_the_field_of_view_fill():

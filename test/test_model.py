@@ -76,7 +76,9 @@ def test_the_three_variants_differ_in_parameter_count():
     }
     assert len(set(counts.values())) == 3
     # The full network as documented in model/network.py.
-    assert 7.0e6 < counts[(True, True)] < 7.2e6
+    assert 6.75e6 < counts[(True, True)] < 6.85e6
+    transposed = parameter_count(VesselUNet(upsampling="transposed"))
+    assert 7.0e6 < transposed < 7.2e6
     assert counts[(True, False)] < counts[(False, True)] < counts[(True, True)]
 
 
@@ -89,6 +91,49 @@ def test_the_modules_change_the_output():
             outputs.append(narrow_net(hsca=hsca, msfe=msfe).eval()(x))
     assert not torch.allclose(outputs[0], outputs[2])
     assert not torch.allclose(outputs[1], outputs[2])
+
+
+def test_trilinear_decoder_is_interpolation_then_projection():
+    """The paper's decoder: trilinear 2x upsampling and a 1x1x1 conv, whose order (conv first,
+    for speed) does not change the result."""
+    torch.manual_seed(0)
+    up = narrow_net().decoders[0].up
+    conv, interpolate = up[0], up[1]
+    x = torch.randn(1, conv.in_channels, 4, 6, 2)
+    with torch.no_grad():
+        assert torch.allclose(up(x), conv(interpolate(x)), atol=1e-5)
+        assert up(x).shape == (1, conv.out_channels, 8, 12, 4)
+        # Trilinear: a map that is linear along z stays linear in the interior.
+        ramp = torch.arange(4.0).view(1, 1, 4, 1, 1).expand(1, conv.in_channels, 4, 2, 2)
+        z_profile = interpolate(ramp)[0, 0, 1:-1, 0, 0]
+        assert torch.allclose(z_profile.diff(), torch.full((5,), 0.5))
+
+
+def test_upsampling_switch_changes_the_layers_and_is_validated():
+    trilinear, transposed = narrow_net(), narrow_net(upsampling="transposed")
+    assert isinstance(transposed.decoders[0].up, torch.nn.ConvTranspose3d)
+    assert set(trilinear.state_dict()) != set(transposed.state_dict())
+    with pytest.raises(ValueError, match="upsampling 'nearest' is not one of"):
+        Architecture(upsampling="nearest")
+
+
+def test_format_1_manifests_load_with_transposed_decoders(tmp_path):
+    """Weights saved before the switch (format 1, no ``upsampling``) keep loading."""
+    shipped_folder(tmp_path, [narrow_net(upsampling="transposed")])
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["format"] == "vessel-unet-folds/2"
+    assert data["architecture"]["upsampling"] == "transposed"
+    del data["architecture"]["upsampling"]
+    data["format"] = "vessel-unet-folds/1"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    manifest, (net,) = load_ensemble(tmp_path)
+    assert manifest.architecture.upsampling == "transposed"
+    assert isinstance(net.decoders[0].up, torch.nn.ConvTranspose3d)
+    # The same file under a format-2 manifest without the key means trilinear: refused.
+    data["format"] = "vessel-unet-folds/2"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(WeightError, match="wrong architecture"):
+        load_ensemble(tmp_path)
 
 
 def test_width_setting_narrows_the_network():
@@ -170,6 +215,7 @@ def test_bit_flip_is_detected(tmp_path):
         {"base_channels": 4, "msfe": False},
         {"base_channels": 8},
         {"base_channels": 4, "hsca": False},
+        {"base_channels": 4, "upsampling": "transposed"},
     ],
 )
 def test_wrong_architecture_is_named(tmp_path, manifest_settings):
@@ -184,7 +230,7 @@ def test_missing_and_broken_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(WeightError, match="manifest.json: not valid JSON"):
         load_ensemble(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format": "vessel-unet-folds/1"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "vessel-unet-folds/2"}))
     with pytest.raises(WeightError, match="manifest.json: invalid manifest"):
         load_ensemble(tmp_path)
 

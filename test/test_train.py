@@ -34,10 +34,16 @@ from train.data import Case, SiteDataError, list_cases, load_case, load_site
 from train.export import export_fold
 from train.folds import split_cases
 from train.loss import positive_weight, vessel_loss
-from train.sampling import augment, crop, epoch_batches, sample_patch
+from train.sampling import augment, augment_intensity, crop, epoch_batches, sample_patch
 from train.server_app import failures, initial_arrays
 from train.strategy import RobustFedAvg
-from train.task import autocast_dtype, build_network, cpu_bf16_backward_safe, predict_mask
+from train.task import (
+    autocast_dtype,
+    build_network,
+    cpu_bf16_backward_safe,
+    predict_mask,
+    validation_predictor,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"patch-size": 32, "base-channels": 4, "patches-per-case": 2, "val-overlap": 0.0,
@@ -139,6 +145,32 @@ def test_augmentation_moves_image_and_label_together():
         assert sorted(moved_image.ravel()) == sorted(image.ravel())
 
 
+def test_zoomed_patches_keep_the_vessel_centred_and_rescale_it():
+    case = small_case((48, 48, 48))
+    case.label[:] = False
+    case.label[20:28, 20:28, 20:28] = True  # an 8-voxel cube
+    case.image = case.label.astype(np.float32)
+    case.foreground = np.array([np.ravel_multi_index((24, 24, 24), case.label.shape)])
+    rng = np.random.default_rng(0)
+    for zoom, side in ((0.5, 16), (2.0, 4)):
+        image, label = sample_patch(case, (16, 16, 16), rng, 1.0, zoom=zoom)
+        assert image.shape == label.shape == (16, 16, 16) and image.dtype == np.float32
+        assert label.sum() == pytest.approx(side**3, rel=0.35)
+        assert np.array_equal(label, image >= 0.5)  # image and label moved together
+
+
+def test_intensity_augmentation_is_seeded_and_varies_the_look():
+    image = np.random.default_rng(0).random((16, 16, 16), dtype=np.float32)
+    first = [augment_intensity(image, np.random.default_rng(s)) for s in range(40)]
+    again = [augment_intensity(image, np.random.default_rng(s)) for s in range(40)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    changed = [not np.array_equal(a, image) for a in first]
+    assert 0.3 < np.mean(changed) < 1.0  # each transform has its probability
+    assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in first)
+    spreads = {round(float(a.std()), 3) for a in first}
+    assert len(spreads) > 5
+
+
 def test_an_epoch_draws_patches_per_case_in_batches():
     cases = [small_case(), small_case((32, 32, 32))]
     batches = list(epoch_batches(cases, (16, 16, 16), 5, 2, np.random.default_rng(0), 0.33, True))
@@ -164,11 +196,46 @@ class Threshold(torch.nn.Module):
         return torch.cat([torch.zeros_like(x), x - 0.5], dim=1)
 
 
-def test_validation_stitches_sliding_windows_back_to_the_volume():
+def test_validation_stitches_sliding_windows_back_to_the_volume(tmp_path):
     image = np.random.default_rng(2).random((40, 21, 50), dtype=np.float32)
     for overlap in (0.0, 0.5):
-        mask = predict_mask(Threshold(), image, (32, 32, 32), overlap, torch.device("cpu"))
+        config = tiny_config(tmp_path, patch_size=32, val_overlap=overlap)
+        predictor = validation_predictor(Threshold(), config, torch.device("cpu"))
+        mask = predict_mask(predictor, image)
         assert mask.shape == image.shape and np.array_equal(mask, image > 0.5)
+
+
+def test_validation_segments_exactly_as_the_container(tmp_path, monkeypatch):
+    """One prediction path: the mask training validation scores is the mask ``process.py``
+    writes for the same weights and case (without component cleaning, which is chosen on
+    these masks)."""
+    import process
+    from phantoms import generate_case
+
+    config = tiny_config(tmp_path, patch_size=32, base_channels=4, val_overlap=0.5)
+    image, label = generate_case((48, 40, 36), seed=4, spacing=config.target_spacing)
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(image, str(tmp_path / "in" / "c_0000.nii.gz"))
+    sitk.WriteImage(label, str(tmp_path / "c.nii.gz"))
+    case = load_case("c", tmp_path / "in" / "c_0000.nii.gz", tmp_path / "c.nii.gz",
+                     config.spacing)
+    torch.manual_seed(3)
+    net = build_network(config).eval()
+    with torch.no_grad():  # centre the vessel logit: a mask neither empty nor full
+        logits = net(torch.from_numpy(case.image[None, None, :32, :32, :32]))
+        net.head.bias[1] -= float(torch.quantile(logits[0, 1] - logits[0, 0], 0.8))
+    weights = tmp_path / "weights"
+    export_fold({k: v.numpy() for k, v in net.state_dict().items()}, config, weights, {})
+    net = load_fold(weights, load_manifest(weights), 0)  # the fp16 weights process.py reads
+    monkeypatch.setenv("VESSEL_SEG_CACHE", str(tmp_path / "cache"))
+    status = process.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                           "--weights", str(weights), "--backend", "torch", "--device", "cpu",
+                           "--overlap", "0.5", "--no-postprocess"])
+    assert status == 0
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c.nii.gz")))
+    validated = predict_mask(validation_predictor(net, config, torch.device("cpu")), case.image)
+    assert 0.001 < validated.mean() < 0.9
+    assert np.array_equal(validated, written.astype(bool))
 
 
 # --- data ------------------------------------------------------------------------------------

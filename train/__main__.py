@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment(args.work)
     if args.data is None:
         z, y, x = args.size
-        root = args.work / f"phantoms-{args.sites}sites-{args.cases}cases-{z}x{y}x{x}-s{args.seed}"
+        name = f"phantoms-randomised-{args.sites}sites-{args.cases}cases-{z}x{y}x{x}-s{args.seed}"
+        root = args.work / name
         sites = ensure_phantom_federation(root, args.sites, args.cases, tuple(args.size), args.seed)
     else:
         root, sites = args.data, site_folders(args.data)

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from model.network import DOWNSAMPLING, Architecture
+from model.network import DOWNSAMPLING, UPSAMPLINGS, Architecture
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -36,11 +36,13 @@ class TrainConfig:
     foreground_fraction: float = 0.33  # patches centred on a vessel voxel (nnU-Net: 0.33)
     loss_alpha: float = 0.6  # L = BCE + alpha WBCE + (1 - alpha) Dice, paper's equation (2)
     pos_weight: float = 0.0  # WBCE vessel weight; 0: sqrt((1 - f) / f), f the site's vessels
-    augment: bool = True
+    augment: bool = True  # flips, right-angle rotations, zoom (train.sampling)
+    augment_intensity: bool = True  # noise, blur, brightness, contrast, gamma
     patch_size: int = 96  # cubic patches, a multiple of 16
     base_channels: int = 16
     hsca: bool = True
     msfe: bool = True
+    upsampling: str = "trilinear"  # decoder: the paper's trilinear, or "transposed" convs
     target_spacing: float = 0.227  # mm, isotropic (SHINY-ICARUS' 3DRA spacing)
     precision: str = "auto"  # bf16 autocast where the processor supports it, else fp32
     val_overlap: float = 0.25  # sliding-window overlap of the validation forward
@@ -75,6 +77,8 @@ class TrainConfig:
             problems.append("pos-weight must be positive (or 0 for the site's class balance)")
         if self.learning_rate <= 0 or self.target_spacing <= 0 or self.round_timeout <= 0:
             problems.append("learning-rate, target-spacing and round-timeout must be positive")
+        if self.upsampling not in UPSAMPLINGS:
+            problems.append(f"upsampling {self.upsampling!r} is not one of {UPSAMPLINGS}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if problems:
@@ -82,7 +86,8 @@ class TrainConfig:
 
     @property
     def architecture(self) -> Architecture:
-        return Architecture(base_channels=self.base_channels, hsca=self.hsca, msfe=self.msfe)
+        return Architecture(base_channels=self.base_channels, hsca=self.hsca, msfe=self.msfe,
+                            upsampling=self.upsampling)
 
     @property
     def patch_shape(self) -> tuple[int, int, int]:
@@ -115,8 +120,9 @@ class TrainConfig:
 # Settings a site needs to train and validate; paths of the server stay on the server.
 SITE_KEYS = (
     "fold", "num-folds", "local-epochs", "patches-per-case", "batch-size", "learning-rate",
-    "foreground-fraction", "loss-alpha", "pos-weight", "augment", "patch-size",
-    "base-channels", "hsca", "msfe", "target-spacing", "precision", "val-overlap", "seed",
+    "foreground-fraction", "loss-alpha", "pos-weight", "augment", "augment-intensity",
+    "patch-size", "base-channels", "hsca", "msfe", "upsampling", "target-spacing", "precision",
+    "val-overlap", "seed",
 )
 
 

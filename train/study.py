@@ -4,11 +4,22 @@
     python -m train.study train fold0       # a run of RUNS (fold0..fold4, msfe-only, ...)
     python -m train.study evaluate          # Tables 1-3 and the training curves
     python -m train.study all               # all of it, in that order (hours on a CPU)
+    python -m train.study pilot             # the data pilot: two narrow folds, then scores
 
 Data (``work/study/data``): a federation of three non-IID sites (site profiles a, b, c; 13
-cases each at 128^3, seed 700) and a held-out test set of other seeds (seed 9000, three cases
-from each of sites a, b, c and three from site d, whose acquisition settings no training run
-sees). ``pooled/`` puts every site's cases into one dataset (centralised training) and
+cases each at 128^3, seed 700) of domain-randomised phantoms (``phantoms.randomised``), the
+same sites and seeds drawn by the reference generator (``federation-reference``, for the
+pilot), a held-out test set of the reference family (seed 9000, three cases from each of
+sites a, b, c and three from site d, whose acquisition settings no training run sees), and
+the independent family (``independent``: other code, another model of anatomy and imaging,
+seed 4242, never trained or tuned on).
+
+The pilot trains one narrow fold (width 8, 64^3 patches) on each federation with the same
+settings and the same number of rounds (equal compute), and scores both on the held-out test
+set and on the independent family (``work/study/results/pilot.md``), with the MIPs of each
+model's mask on the independent case that the randomised-data model segments worst.
+
+``pooled/`` puts every site's cases into one dataset (centralised training) and
 ``siteK-alone/`` holds site K only; both link to the federation's files.
 
 Every run is ``python -m train`` (Flower simulation) with :data:`COMMON` settings. The
@@ -37,6 +48,7 @@ import SimpleITK as sitk
 
 from metrics.evaluate import evaluate_folders, summarize
 from model.weights import load_manifest, write_manifest
+from phantoms.preview import mip_panel
 from postprocess import CleaningSettings, clean_mask
 from train.data import list_cases
 from train.folds import split_cases
@@ -48,6 +60,10 @@ SHIPPED = RUNS_DIR / "shipped"
 RESULTS = ROOT / "results"
 FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
 TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
+INDEPENDENT_SET = {"cases": 8, "size": 128, "seed": 4242}
+PILOT_ROUNDS = 14
+PILOT = (("base-channels", 8), ("patch-size", 64), ("local-epochs", 1),
+         ("patience", PILOT_ROUNDS))
 COMMON = {
     "patch-size": 48, "base-channels": 16, "learning-rate": 1e-3, "local-epochs": 2,
     "val-overlap": 0.25, "patience": 5,
@@ -78,6 +94,8 @@ RUNS: dict[str, Run] = {
     "msfe-only": Run("federation", rounds=ABLATION_ROUNDS, settings=(("hsca", False),)),
     "hsca-only": Run("federation", rounds=ABLATION_ROUNDS, settings=(("msfe", False),)),
     "pooled": Run("pooled"),
+    "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
+    "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
     **{f"site{k}-alone": Run(f"site{k}-alone") for k in (1, 2, 3)},
 }
 
@@ -91,25 +109,30 @@ def python(*args: str) -> None:
 
 def phantoms(out: Path, spec: dict, *options: str) -> None:
     """``python -m phantoms`` for ``spec`` (cases per site, cube size, seed, sites)."""
+    sites = ("--sites", str(spec["sites"])) if "sites" in spec else ()
     python("-m", "phantoms", "--out", str(out), "--cases", str(spec["cases"]),
-           "--size", *[str(spec["size"])] * 3, "--seed", str(spec["seed"]),
-           "--sites", str(spec["sites"]), *options)
+           "--size", *[str(spec["size"])] * 3, "--seed", str(spec["seed"]), *sites, *options)
 
 
 def make_data() -> None:
-    """Write the federation, the held-out test set and the pooled and single-site views."""
+    """Write the federations, the two test sets and the pooled and single-site views."""
     federation = DATA / "federation"
     if not federation.exists():
-        phantoms(federation, FEDERATION)
+        phantoms(federation, FEDERATION, "--family", "randomised")
+    if not (DATA / "federation-reference").exists():
+        phantoms(DATA / "federation-reference", FEDERATION, "--family", "reference")
     test = DATA / "test"
     if not test.exists():
         staging = DATA / "test-sites"
-        phantoms(staging, TEST_SET, "--layout", "challenge")
+        phantoms(staging, TEST_SET, "--layout", "challenge", "--family", "reference")
         for part in ("input", "ground_truth"):  # one flat folder of all sites' cases
             (test / part).mkdir(parents=True)
             for file in sorted(staging.glob(f"site*/{part}/*")):
                 file.rename(test / part / file.name)
         shutil.rmtree(staging)
+    if not (DATA / "independent").exists():
+        phantoms(DATA / "independent", INDEPENDENT_SET, "--layout", "challenge",
+                 "--family", "independent")
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     for site in sites:
         alone = DATA / f"{site.name}-alone"
@@ -285,6 +308,36 @@ def evaluate() -> None:
     print(text)
 
 
+def evaluate_pilot() -> str:
+    """Table of the pilot's two folds on both test sets (with the default cleaning), and the
+    MIPs of the independent case that the randomised-data fold segments worst."""
+    sets = {"held-out (reference family)": DATA / "test",
+            "independent family": DATA / "independent"}
+    rows, masks = {}, {}
+    for name in ("pilot-reference", "pilot-randomised"):
+        weights = RUNS_DIR / name / "weights"
+        if not (weights / "manifest.json").is_file():
+            continue
+        for label, folder in sets.items():
+            raw = predict(weights, [0], RESULTS / f"{name}-{folder.name}", folder / "input")
+            mask = masks[name, folder.name] = cleaned(raw, CleaningSettings())
+            rows[f"{name}, {label}"] = score(mask, truth=folder / "ground_truth")
+    text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
+    if ("pilot-randomised", "independent") in masks:
+        results = case_results(masks["pilot-randomised", "independent"],
+                               DATA / "independent" / "ground_truth")
+        worst = min(results, key=lambda r: r.metrics["Dice"]).case
+        image = DATA / "independent" / "input" / f"{worst}_0000.nii.gz"
+        truth = DATA / "independent" / "ground_truth" / f"{worst}.nii.gz"
+        panels = [(f"{worst}: truth", truth)] + [
+            (f"{name}", masks[name, "independent"] / f"{worst}.nii.gz")
+            for name in ("pilot-reference", "pilot-randomised") if (name, "independent") in masks]
+        mip_panel(image, panels, RESULTS / "pilot-worst-independent.png")
+        text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
+    (RESULTS / "pilot.md").write_text(text)
+    return text
+
+
 def plot_curves(path: Path) -> None:
     """Train loss and validation Dice per round of the shipped folds."""
     import matplotlib
@@ -324,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("evaluate")
     commands.add_parser("all")
+    commands.add_parser("pilot")
     args = parser.parse_args(argv)
     if args.command in ("data", "all"):
         make_data()
@@ -334,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
             train(name)
     if args.command in ("evaluate", "all"):
         evaluate()
+    if args.command == "pilot":
+        make_data()
+        for name in ("pilot-reference", "pilot-randomised"):
+            train(name)
+        print(evaluate_pilot())
     return 0
 
 

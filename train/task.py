@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference.sliding_window import WindowPlan, normalize_in_place, pad_to_patch
+from inference.predictor import Predictor, PredictorSettings
+from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry
 from metrics import cldice, dice
-from model.network import VesselUNet, probabilities
+from model.network import VesselUNet
+from model.weights import Manifest
 from train.config import TrainConfig
 from train.data import Case, Site, SiteDataError, vessel_fraction
 from train.loss import positive_weight, vessel_loss
@@ -128,39 +130,35 @@ def fit(
     return FitResult(mean, len(losses), patches, time.perf_counter() - start)
 
 
-def predict_mask(
-    net: nn.Module, image: np.ndarray, roi: tuple[int, int, int], overlap: float,
-    device: torch.device, amp_dtype: torch.dtype | None = None,
-) -> np.ndarray:
-    """Vessel mask (probability > 0.5) of a whole volume by Gaussian-weighted sliding windows.
-
-    Window placement, Gaussian importance and stitching are the shipped predictor's
-    (:mod:`inference.sliding_window`, nnU-Net's scheme), one window at a time, without
-    test-time mirroring.
-    """
-    padded, crop = pad_to_patch(image, roi)
-    plan = WindowPlan.create(padded.shape, roi, overlap)
-    importance = torch.from_numpy(plan.importance())
-    source = torch.from_numpy(np.ascontiguousarray(padded, dtype=np.float32))
-    total = torch.zeros(padded.shape, dtype=torch.float32)
-    net.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                         enabled=amp_dtype is not None):
-        for window in plan.windows():
-            logits = net(source[window][None, None].to(device)).float()
-            total[window] += probabilities(logits)[0, 1].cpu() * importance
-    normalize_in_place(total, plan, 1, torch.from_numpy)
-    return (total[crop] > 0.5).numpy()
+def validation_predictor(
+    net: nn.Module, config: TrainConfig, device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+) -> Predictor:
+    """The container's predictor (:class:`inference.predictor.Predictor`) around the network
+    being trained: the same windows, Gaussian stitching, probability and threshold as
+    ``process.py``, without component cleaning (its settings are chosen afterwards, on these
+    masks)."""
+    manifest = Manifest(
+        architecture=config.architecture, patch_size=config.patch_shape,
+        target_spacing=config.spacing, normalization=DEFAULT_NORMALIZATION,
+    )
+    settings = PredictorSettings(overlap=config.val_overlap, postprocess=False)
+    return Predictor.from_networks([net], manifest, settings, device.type, amp_dtype)
 
 
-def validate(
-    net: nn.Module, cases: list[Case], roi: tuple[int, int, int], overlap: float,
-    device: torch.device, amp_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
+def predict_mask(predictor: Predictor, image: np.ndarray) -> np.ndarray:
+    """Vessel mask (bool) of a preprocessed volume on the model's grid."""
+    geometry = Geometry(image.shape, predictor.manifest.target_spacing, (0.0,) * 3,
+                        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    probability = predictor.probability_of_input(image, geometry)
+    return predictor.mask_of(probability, geometry)[0].astype(bool)
+
+
+def validate(predictor: Predictor, cases: list[Case]) -> dict[str, float]:
     """Mean Dice, clDice, clRe and clPr over ``cases`` (metrics on the model grid)."""
     scores = {"dice": [], "cldice": [], "clre": [], "clpr": []}
     for case in cases:
-        mask = predict_mask(net, case.image, roi, overlap, device, amp_dtype)
+        mask = predict_mask(predictor, case.image)
         topology = cldice(mask, case.label)
         scores["dice"].append(dice(mask, case.label))
         scores["cldice"].append(topology.cldice)
@@ -203,7 +201,7 @@ def train_site(
     for _ in range(config.local_epochs):
         batches = epoch_batches(
             training, config.patch_shape, config.patches_per_case, config.batch_size, rng,
-            config.foreground_fraction, config.augment,
+            config.foreground_fraction, config.augment, config.augment_intensity,
         )
         results.append(fit(
             net, batches, lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha),
@@ -221,7 +219,5 @@ def validate_site(
     """Scores of ``net`` on the site's validation cases of the fold, and their number."""
     device = device or training_device()
     _, validation = site.split(config.fold, config.num_folds)
-    net.to(device)
-    amp_dtype = autocast_dtype(config.precision, device)
-    scores = validate(net, validation, config.patch_shape, config.val_overlap, device, amp_dtype)
-    return scores, len(validation)
+    predictor = validation_predictor(net, config, device, autocast_dtype(config.precision, device))
+    return validate(predictor, validation), len(validation)

@@ -1,0 +1,401 @@
+"""Domain-randomised 3DRA phantoms: the vessels' shapes are modelled, everything else is drawn.
+
+A network trained on one generator's intensities and bone shapes learns that generator, not
+vessels. Following SynthSeg (Billot et al. 2023, Med Image Anal 86:102789) and vesselFM's
+domain-randomised generator (Wittmann et al. 2025, CVPR; ``vesselfm/d_drand``), every case
+draws, independently:
+
+* the vessels: one to three trees (:func:`phantoms.tree.grow_tree` with jittered calibre,
+  length, tortuosity and branching; later trees flipped and turned to enter from other faces),
+  a Circle-of-Willis-like ring with branches, stenoses and fusiform dilations, saccular
+  aneurysms; a field of view that cuts them into several true components;
+* the structures around them, each with its own random intensity, which may be brighter
+  than, equal to or darker than the vessels: the reference skull base and calvarium, thin
+  curved bone shells, plates, skull-base-like blobs, bright spots (calcifications, coils);
+  air cells; a background of smooth textures at several scales and Voronoi cells, inverted
+  with probability 0.3;
+* the imaging: vessels painted over or added to what lies beneath, an (an)isotropic Gaussian
+  point-spread, white or correlated noise with a signal-dependent part, Rician noise, streaks,
+  a multiplicative bias field, a gamma, the reconstruction cylinder or sphere filled with a
+  constant at the minimum, and a random linear map to 16-bit values.
+
+Intensities are drawn on a unit scale (tissue 0.2-0.6, vessel contrast 0.15-1.2 above it), so
+that the vessels are sometimes barely above tissue and no global threshold segments them.
+The label is the lumen: every 26-connected piece the field of view leaves.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from scipy.spatial.transform import Rotation
+
+from phantoms.anatomy import (
+    Anatomy,
+    SmoothField,
+    calvarium_slab,
+    make_anatomy,
+    skull_base_slab,
+)
+from phantoms.generator import Phantom, check_shape, random_geometry
+from phantoms.imaging import make_streaks
+from phantoms.profiles import DEFAULT_PROFILE, SiteProfile
+from phantoms.raster import rasterise_tree
+from phantoms.tree import KIND_ANEURYSM, MIN_RADIUS_VOXELS, VesselTree, grow_tree
+
+UNIT = np.float32
+MAX_VESSEL_FRACTION = 0.03
+"""No further tree is added once the lumen fills this fraction of the volume (3DRA: 1-3 %)."""
+
+
+# -- vessels ------------------------------------------------------------------------------
+
+def _vessel_profile(profile: SiteProfile, rng: np.random.Generator) -> SiteProfile:
+    """The site's vessel settings, each scaled by a random factor (sites stay non-IID)."""
+    low, high = profile.length_factor
+    stretch = rng.uniform(0.7, 1.3)
+    return profile.replace(
+        trunk_radius_mm=profile.trunk_radius_mm * rng.uniform(0.55, 1.25),
+        min_radius_mm=profile.min_radius_mm * rng.uniform(0.8, 1.4),
+        tortuosity=profile.tortuosity * rng.uniform(0.5, 1.8),
+        side_branch_rate=profile.side_branch_rate * rng.uniform(0.3, 1.4),
+        aneurysm_rate=profile.aneurysm_rate * rng.uniform(0.0, 1.6),
+        length_factor=(low * stretch, high * stretch),
+        contrast_jitter=rng.uniform(0.03, 0.25),
+        fov_radius=None,  # the field of view is drawn later and cuts the vessels
+    )
+
+
+def _vary_calibre(tree: VesselTree, rng: np.random.Generator) -> None:
+    """Stenoses (narrowing by 30-70 %) and fusiform dilations (50-150 % wider) on a few runs
+    of contiguous segments of large vessels, as smooth Gaussian bumps of the radius."""
+    large = np.flatnonzero((tree.kind != KIND_ANEURYSM) & (tree.r_start >= 1.5))
+    for centre in rng.choice(large, size=min(large.size, int(rng.integers(0, 4))), replace=False):
+        amplitude = -rng.uniform(0.3, 0.7) if rng.random() < 0.6 else rng.uniform(0.5, 1.5)
+        half = int(rng.integers(3, 9))
+        for j in range(centre - half, centre + half + 1):
+            if not 0 <= j < len(tree.starts) or not _contiguous(tree, centre, j):
+                continue
+            for radii, offset in ((tree.r_start, j), (tree.r_end, j + 1)):
+                bump = math.exp(-(((offset - centre) / (0.5 * half)) ** 2))
+                radii[j] = max(MIN_RADIUS_VOXELS, radii[j] * (1 + amplitude * bump))
+
+
+def _contiguous(tree: VesselTree, i: int, j: int) -> bool:
+    """Whether segments i..j (either order) form one unbroken centreline."""
+    lo, hi = min(i, j), max(i, j)
+    return bool(np.allclose(tree.ends[lo:hi], tree.starts[lo + 1 : hi + 1]))
+
+
+def _ring(shape: tuple[int, int, int], spacing: float, rng: np.random.Generator) -> VesselTree:
+    """A closed, wobbly elliptical loop (Circle-of-Willis-like) in a random plane, with two
+    to five short tapering branches leaving it outwards."""
+    n = min(shape)
+    axes = np.minimum(rng.uniform(3.0, 8.0, 2) / spacing, 0.3 * n)
+    centre = np.asarray(shape) * rng.uniform(0.3, 0.7, 3)
+    basis = Rotation.random(random_state=int(rng.integers(2**31))).as_matrix()
+    radius = max(MIN_RADIUS_VOXELS, min(rng.uniform(0.35, 1.1) / spacing, 0.05 * n))
+    theta = np.linspace(0, 2 * np.pi, 49)
+    wobble = 1 + 0.12 * np.sin(3 * theta + rng.uniform(0, 2 * np.pi))
+    ring = centre + (np.outer(axes[0] * np.cos(theta) * wobble, basis[0])
+                     + np.outer(axes[1] * np.sin(theta) * wobble, basis[1]))
+    starts, ends, r0, r1 = [ring[:-1]], [ring[1:]], [np.full(48, radius)], [np.full(48, radius)]
+    for k in rng.choice(48, size=int(rng.integers(2, 6)), replace=False):
+        out = ring[k] - centre
+        direction = out / np.linalg.norm(out) + 0.5 * rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        tip = ring[k] + direction * rng.uniform(8, 20) * radius
+        starts.append(ring[k][None])
+        ends.append(tip[None])
+        r0.append([0.8 * radius])
+        r1.append([max(MIN_RADIUS_VOXELS, 0.5 * radius)])
+    count = sum(len(r) for r in r0)
+    return VesselTree(
+        starts=np.concatenate(starts), ends=np.concatenate(ends),
+        r_start=np.concatenate(r0).astype(np.float64), r_end=np.concatenate(r1).astype(np.float64),
+        contrast=rng.uniform(0.8, 1.1, count), kind=np.zeros(count, dtype=np.int8),
+    )
+
+
+def _reorient(arrays: tuple[np.ndarray, ...], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """The same random flips and (where sizes allow) axis swap applied to every array."""
+    axes = list(range(3))
+    i, j = rng.choice(3, size=2, replace=False)
+    if arrays[0].shape[i] == arrays[0].shape[j]:
+        axes[i], axes[j] = axes[j], axes[i]
+    flips = [a for a in range(3) if rng.random() < 0.5]
+    return tuple(np.ascontiguousarray(np.flip(np.transpose(a, axes), flips)) for a in arrays)
+
+
+def draw_vessels(
+    anatomy: Anatomy, spacing: float, profile: SiteProfile, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, VesselTree]:
+    """Lumen label (bool), vessel signal (float32 occupancy x opacification) of one to three
+    trees and, with probability 0.5, a ring; and the first tree (as grown, not turned)."""
+    shape = anatomy.shape
+    label = np.zeros(shape, dtype=bool)
+    signal = np.zeros(shape, dtype=np.float32)
+    trees = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
+    first = None
+    for index in range(trees + (rng.random() < 0.5)):
+        if label.mean() > MAX_VESSEL_FRACTION:
+            break
+        if index == 0:
+            tree = grow_tree(anatomy, spacing, profile, rng)
+        elif index < trees:  # a smaller artery entering elsewhere
+            radius = profile.trunk_radius_mm * rng.uniform(0.4, 0.8)
+            tree = grow_tree(anatomy, spacing, profile.replace(trunk_radius_mm=radius), rng)
+        else:
+            tree = _ring(shape, spacing, rng)
+        _vary_calibre(tree, rng)
+        one_label = np.zeros(shape, dtype=bool)
+        one_signal = np.zeros(shape, dtype=np.float32)
+        rasterise_tree(tree, shape, one_label, one_signal)
+        if 0 < index < trees:
+            one_label, one_signal = _reorient((one_label, one_signal), rng)
+        first = first or tree
+        label |= one_label
+        np.maximum(signal, one_signal, out=signal)
+    return label, signal, first
+
+
+# -- structures around the vessels --------------------------------------------------------
+
+def _ramp(x: np.ndarray) -> np.ndarray:
+    return np.clip(x + 0.5, 0.0, 1.0).astype(UNIT)
+
+
+def _grid(shape: tuple[int, int, int]) -> list[np.ndarray]:
+    return [g.astype(UNIT) for g in np.ogrid[: shape[0], : shape[1], : shape[2]]]
+
+
+def _shell(shape, rng) -> np.ndarray:
+    """A thin curved bone shell: part of an ellipsoid surface, 1-4 voxels thick, cut by a
+    random plane (a calvarium over the brain, a sinus wall)."""
+    n = np.asarray(shape, dtype=float)
+    centre = n * rng.uniform(-0.2, 1.2, 3)
+    axes = n.min() * rng.uniform(0.4, 1.2, 3)
+    g = _grid(shape)
+    q = np.sqrt(sum(((gi - c) / a) ** 2 for gi, c, a in zip(g, centre, axes)))
+    distance = (q - 1) * UNIT(axes.min())
+    occupancy = _ramp(UNIT(rng.uniform(0.5, 2.0)) - np.abs(distance))
+    normal = rng.normal(size=3)
+    side = sum(gi * UNIT(v) for gi, v in zip(g, normal)) - UNIT(normal @ (n / 2))
+    return occupancy * (side > rng.uniform(-0.3, 0.3) * n.min())
+
+
+def _plate(shape, rng) -> np.ndarray:
+    """A flat or gently curved plate of random orientation, 1.5-8 voxels thick, on a disc."""
+    n = np.asarray(shape, dtype=float)
+    centre = n * rng.uniform(0.1, 0.9, 3)
+    normal = rng.normal(size=3)
+    normal /= np.linalg.norm(normal)
+    g = _grid(shape)
+    rel = [gi - UNIT(c) for gi, c in zip(g, centre)]
+    height = sum(r * UNIT(v) for r, v in zip(rel, normal))
+    bend = UNIT(rng.uniform(-1, 1) / n.min())
+    in_plane2 = sum(r * r for r in rel) - height * height
+    distance = height + bend * in_plane2
+    radius = n.min() * rng.uniform(0.25, 0.7)
+    return _ramp(UNIT(rng.uniform(0.75, 4.0)) - np.abs(distance)) * _ramp(
+        UNIT(radius) - np.sqrt(np.maximum(in_plane2, 0)))
+
+
+def _blobs(shape, rng) -> np.ndarray:
+    """Skull-base-like lumps: the top few per cent of a smooth random field."""
+    field = SmoothField(shape, rng.uniform(5, 14), rng).full()
+    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.88, 0.97))
+    return np.clip((field - threshold) * UNIT(4.0), 0, 1).astype(UNIT)
+
+
+def _spots(shape, rng) -> np.ndarray:
+    """One to fifteen small dense spheres, radius 0.7-3 voxels (calcifications, clips)."""
+    occupancy = np.zeros(shape, dtype=UNIT)
+    for _ in range(int(rng.integers(1, 16))):
+        centre = np.asarray(shape) * rng.uniform(0.05, 0.95, 3)
+        radius = rng.uniform(0.7, 3.0)
+        lo = np.maximum(np.floor(centre - radius - 1).astype(int), 0)
+        hi = np.minimum(np.ceil(centre + radius + 2).astype(int), shape)
+        g = np.ogrid[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        d = np.sqrt(sum((gi - c) ** 2 for gi, c in zip(g, centre)))
+        box = occupancy[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+        np.maximum(box, _ramp(radius - d), out=box)
+    return occupancy
+
+
+def _reference_skull(anatomy: Anatomy) -> np.ndarray:
+    """Occupancy of the reference skull base and calvarium (phantoms.anatomy)."""
+    z = np.arange(anatomy.shape[0], dtype=UNIT)
+    occupancy = np.zeros(anatomy.shape, dtype=UNIT)
+    for part in (skull_base_slab(anatomy, z), calvarium_slab(anatomy, z)):
+        if part is not None:
+            np.maximum(occupancy, part[0], out=occupancy)
+    return occupancy
+
+
+def _background(shape, tissue: float, rng: np.random.Generator) -> np.ndarray:
+    """Tissue level plus smooth textures at one to three scales, Voronoi cells with
+    probability 0.3, the whole texture inverted with probability 0.3."""
+    texture = np.zeros(shape, dtype=UNIT)
+    for _ in range(int(rng.integers(1, 4))):
+        cell = rng.uniform(2.5, min(shape) / 4)
+        texture += UNIT(rng.uniform(0.0, 0.12)) * SmoothField(shape, cell, rng).full()
+    if rng.random() < 0.3:
+        texture += _voronoi(shape, rng)
+    if rng.random() < 0.3:
+        texture *= -1
+    return texture + UNIT(tissue)
+
+
+def _voronoi(shape, rng: np.random.Generator) -> np.ndarray:
+    """Voronoi polyhedra around 20-80 random seeds, each at its own level (std 0.02-0.1);
+    cells are assigned on a half-resolution grid."""
+    seeds = np.asarray(shape) * rng.random((int(rng.integers(20, 81)), 3))
+    levels = rng.normal(0, rng.uniform(0.02, 0.1), len(seeds)).astype(UNIT)
+    half = [np.arange(0, s, 2) + 0.5 for s in shape]
+    points = np.stack(np.meshgrid(*half, indexing="ij"), axis=-1).reshape(-1, 3)
+    nearest = cKDTree(seeds).query(points)[1].reshape([len(h) for h in half])
+    cells = levels[nearest].repeat(2, 0).repeat(2, 1).repeat(2, 2)
+    return cells[: shape[0], : shape[1], : shape[2]]
+
+
+# -- imaging ------------------------------------------------------------------------------
+
+def _paint(image: np.ndarray, occupancy: np.ndarray, level: float,
+           grain: np.ndarray | None = None) -> None:
+    """image <- image (1 - o) + o * level * (1 + 0.15 grain), in place."""
+    value = UNIT(level) if grain is None else UNIT(level) * (1 + UNIT(0.15) * grain)
+    image += occupancy * (value - image)
+
+
+def _noise(image: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise of std ``std``, white or spatially correlated, growing with signal."""
+    noise = rng.standard_normal(image.shape, dtype=UNIT)
+    if rng.random() < 0.5:
+        ndimage.gaussian_filter(noise, rng.uniform(0.5, 1.2), output=noise)
+        noise /= max(float(noise.std()), 1e-6)
+    gain = rng.uniform(0.0, 1.5)
+    return noise * UNIT(std) * np.sqrt(np.maximum(1 + UNIT(gain) * image, 0.25))
+
+
+def _field_of_view(shape, rng: np.random.Generator) -> np.ndarray | None:
+    """None (whole volume, p 0.35), a cylinder around a random axis (p 0.5) or a sphere."""
+    u = rng.random()
+    if u < 0.35:
+        return None
+    n = np.asarray(shape, dtype=UNIT)
+    g = _grid(shape)
+    rel = [(gi - (s - 1) / 2) / (s / 2) for gi, s in zip(g, n)]
+    if u < 0.85:
+        axis = int(rng.integers(3))
+        rho2 = sum(r * r for i, r in enumerate(rel) if i != axis)
+        return rho2 <= UNIT(rng.uniform(0.8, 1.0) ** 2)
+    return sum(r * r for r in rel) <= UNIT(rng.uniform(0.9, 1.3) ** 2)
+
+
+def _acquire(image: np.ndarray, anatomy: Anatomy, spacing: float, contrast: float,
+             sources: list[np.ndarray], rng: np.random.Generator) -> None:
+    """Point-spread, noise, streaks, bias and gamma, in place on the unit scale."""
+    sigma = rng.uniform(0.0, 0.35) / spacing
+    sigmas = sigma * (rng.uniform(0.6, 1.4, 3) if rng.random() < 0.3 else np.ones(3))
+    ndimage.gaussian_filter(image, sigmas, output=image, mode="nearest")
+    image += _noise(image, contrast * rng.uniform(0.015, 0.15), rng)
+    if rng.random() < 0.3:  # Rician: the magnitude of a complex signal (MR-like)
+        floor = UNIT(image.min())
+        second = rng.standard_normal(image.shape, dtype=UNIT) * UNIT(contrast * 0.05)
+        image[:] = np.hypot(image - floor, second) + floor
+    if rng.random() < 0.4 and sources:
+        amplitude = contrast * rng.uniform(0.05, 0.4)
+        for streak in make_streaks(anatomy, sources, amplitude, rng):
+            image += streak.weights(0, anatomy.shape[0]) * streak.pattern
+    if rng.random() < 0.7:
+        bias = SmoothField(anatomy.shape, min(anatomy.shape) / 2, rng).full()
+        image *= np.exp(UNIT(rng.uniform(0.05, 0.3)) * bias)
+    if rng.random() < 0.5:
+        low, high = np.percentile(image[::3, ::3, ::3], [0.5, 99.9])
+        scaled = np.clip((image - low) / max(high - low, 1e-6), 0, None)
+        image[:] = scaled ** UNIT(rng.uniform(0.6, 1.6)) * UNIT(high - low) + UNIT(low)
+
+
+def _quantise(image: np.ndarray, fov: np.ndarray | None, rng: np.random.Generator,
+              dtype: type[np.integer]) -> np.ndarray:
+    """A random linear map to 16-bit values; outside the field of view, one constant at or
+    below the minimum (what a reconstruction writes there)."""
+    scale = rng.uniform(400.0, 2500.0)
+    values = image * UNIT(scale)
+    info = np.iinfo(dtype)
+    low = info.min + 200 if info.min < 0 else 200
+    values += UNIT(max(rng.uniform(-1100.0, 300.0), low - float(values.min())))
+    if fov is not None:
+        values[~np.broadcast_to(fov, values.shape)] = float(values.min()) - rng.uniform(0, 200)
+    np.clip(np.rint(values, out=values), info.min, info.max, out=values)
+    return values.astype(dtype)
+
+
+def generate_randomised(
+    shape: tuple[int, int, int] = (128, 128, 128),
+    seed: int = 0,
+    spacing: float = 0.227,
+    profile: SiteProfile | None = None,
+    dtype: type[np.integer] = np.int16,
+) -> Phantom:
+    """One domain-randomised case (see the module docstring); same seed, same voxels.
+
+    ``profile`` sets the site's vessel tree (calibre, branching, tortuosity, aneurysms),
+    which is then jittered; its intensities and imaging settings are not used.
+    """
+    shape = check_shape(tuple(shape))
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    rng = np.random.default_rng(seed)
+    vessels = _vessel_profile(profile or DEFAULT_PROFILE, rng)
+    bone = vessels.replace(bone_amount=rng.uniform(0.6, 1.5))
+    anatomy = make_anatomy(shape, spacing, bone, rng)
+    label, signal, tree = draw_vessels(anatomy, spacing, vessels, rng)
+    tissue, contrast = rng.uniform(0.2, 0.6), rng.uniform(0.15, 1.2)
+    image = _background(shape, tissue, rng)
+    grain = SmoothField(shape, max(2.0, 0.6 / spacing), rng).full()
+    makers = [_shell, _plate, _blobs, _spots]
+    chosen = [m for m in makers if rng.random() < 0.55]
+    structures = [_reference_skull(anatomy)] if rng.random() < 0.6 else []
+    structures += [maker(shape, rng) for maker in chosen]
+    for occupancy in structures:
+        _paint(image, occupancy, tissue + contrast * rng.uniform(0.4, 1.8), grain)
+    for _ in range(int(rng.integers(0, 4))):  # air cells: dark ellipsoids
+        _paint(image, _air_cell(shape, rng), rng.uniform(-0.3, 0.1))
+    vessel_level = UNIT(contrast * rng.uniform(0.9, 1.1))
+    if rng.random() < 0.8:  # painted over what lies beneath, or added to it
+        _paint(image, np.minimum(signal, 1), tissue + float(vessel_level))
+    else:
+        image += vessel_level * signal
+    streak_sources = tree.aneurysm_centres[:1] + _bright_points(structures)
+    _acquire(image, anatomy, spacing, contrast, streak_sources, rng)
+    fov = _field_of_view(shape, rng)
+    if fov is not None:
+        label &= np.broadcast_to(fov, shape)
+    origin, direction = random_geometry(shape, spacing, rng)
+    return Phantom(
+        image=_quantise(image, fov, rng, dtype), label=label.view(np.uint8),
+        spacing=(spacing,) * 3, origin=origin, direction=direction,
+        tree=tree,
+        profile=vessels,
+    )
+
+
+def _air_cell(shape, rng: np.random.Generator) -> np.ndarray:
+    """An air cell: an ellipsoid of 2-8 % of the volume's side."""
+    centre = np.asarray(shape) * rng.uniform(0.1, 0.9, 3)
+    axes = min(shape) * rng.uniform(0.02, 0.08, 3)
+    g = _grid(shape)
+    q = np.sqrt(sum(((gi - c) / a) ** 2 for gi, c, a in zip(g, centre, axes)))
+    return _ramp((1 - q) * UNIT(axes.min()))
+
+
+def _bright_points(structures: list[np.ndarray]) -> list[np.ndarray]:
+    """Centres for streaks: the densest voxel of the first structure, if any."""
+    if not structures:
+        return []
+    return [np.asarray(np.unravel_index(np.argmax(structures[0]), structures[0].shape), float)]

@@ -1,0 +1,95 @@
+"""The domain-randomised training phantoms and the family switch of the dataset writer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from phantoms import write_dataset
+from phantoms.randomised import MAX_VESSEL_FRACTION, generate_randomised
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = range(10)
+
+
+def best_threshold_dice(image: np.ndarray, label: np.ndarray) -> float:
+    """Highest Dice of ``image >= t`` over all thresholds t, chosen knowing the label."""
+    values = image.ravel().astype(np.int64)
+    values -= values.min()
+    counts = np.bincount(values)
+    hits = np.bincount(values[label.ravel() > 0], minlength=counts.size)
+    return float((2 * np.cumsum(hits[::-1]) / (np.cumsum(counts[::-1]) + label.sum())).max())
+
+
+@pytest.fixture(scope="module")
+def cases():
+    return [generate_randomised((64, 64, 64), seed=s) for s in SEEDS]
+
+
+def test_same_seed_same_case_other_seed_differs(cases) -> None:
+    again = generate_randomised((64, 64, 64), seed=3)
+    assert np.array_equal(again.image, cases[3].image)
+    assert np.array_equal(again.label, cases[3].label)
+    assert (again.origin, again.direction) == (cases[3].origin, cases[3].direction)
+    assert not np.array_equal(cases[3].image, cases[4].image)
+
+
+def test_labels_are_vessels_in_every_case(cases) -> None:
+    for case in cases:
+        fraction = case.label.mean()
+        assert case.image.dtype == np.int16 and case.label.dtype == np.uint8
+        assert 0.001 < fraction < MAX_VESSEL_FRACTION * 2.5, fraction
+        inside = case.image[case.label > 0].astype(float)
+        # vessels stand out from the tissue around them, however faintly
+        assert np.median(inside) > np.median(case.image)
+    pieces = [cc3d.connected_components(c.label, connectivity=26, return_N=True)[1] for c in cases]
+    assert max(pieces) > 1  # several trees, or trees cut by the field of view: all kept
+    assert min(pieces) >= 1
+
+
+def test_looks_vary_so_that_only_shape_is_constant(cases) -> None:
+    """The brightest structures away from the vessels (bone) reach the vessels' brightness
+    in some cases and twice it in others, the vessel contrast and the value range vary, and
+    no global threshold segments the vessels in most cases."""
+    ratios, contrasts, ranges, best = [], [], [], []
+    for case in cases:
+        image, label = case.image.astype(float), case.label > 0
+        far = ~ndimage.binary_dilation(label, iterations=2)
+        tissue = np.median(image[far])
+        vessel = np.percentile(image[label], 90) - tissue
+        ratios.append((np.percentile(image[far], 99.5) - tissue) / vessel)
+        contrasts.append(vessel)
+        ranges.append(image.max() - image.min())
+        best.append(best_threshold_dice(case.image, case.label))
+    assert min(ratios) < 1.05 and max(ratios) > 1.5, ratios
+    assert max(contrasts) > 3 * min(contrasts)
+    assert max(ranges) > 1.5 * min(ranges)
+    assert np.median(best) < 0.6, best
+
+
+def test_family_is_recorded_and_chosen_on_the_command_line(tmp_path: Path) -> None:
+    randomised = write_dataset(tmp_path / "r", 1, (32, 32, 32), seed=1)[0]
+    reference = write_dataset(tmp_path / "f", 1, (32, 32, 32), seed=1, family="reference")[0]
+    for root, family in ((randomised, "randomised"), (reference, "reference")):
+        assert json.loads((root / "dataset.json").read_text())["phantom"]["family"] == family
+    name = "imagesTr/case_000_0000.nii.gz"
+    assert (randomised / name).read_bytes() != (reference / name).read_bytes()
+    with pytest.raises(ValueError, match="family"):
+        write_dataset(tmp_path / "x", 1, (32, 32, 32), family="other")
+    out = tmp_path / "independent"
+    command = [sys.executable, "-m", "phantoms", "--out", str(out), "--cases", "2", "--size",
+               "32", "32", "32", "--layout", "challenge", "--family", "independent"]
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    images = sorted((out / "input").iterdir())
+    assert [p.name for p in images] == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
+    label = sitk.ReadImage(str(out / "ground_truth" / "case_000.nii.gz"))
+    assert label.GetSize() == (32, 32, 32) and label.GetPixelID() == sitk.sitkUInt8
