@@ -4,59 +4,53 @@ Contract (the convention is detected from what the input folder holds):
 
   Grand Challenge   INPUT/images/<input-slug>/<name>{.mha,.nii.gz,.nii,.nrrd}
                  -> OUTPUT/images/cerebral-artery-segmentation/<name>  (same name and format)
+                    (chosen when images/<slug>/ holds image files; files beside images/ are
+                    then not inputs)
   SHINY-ICARUS      INPUT/<CASE>_0000.nii.gz  (flat, read-only; nnU-Net channel suffix)
-                 -> OUTPUT/<CASE>.nii.gz
-  always            OUTPUT/results.json: per case input, output, status (ok/error), error,
-                    seconds, device, backend, vessel volume in mm^3
+                 -> OUTPUT/<CASE>.nii.gz  (any image suffix, in any letter case)
+  always            OUTPUT/results.json: started afresh with the run ("status": "running"),
+                    per case input, output, status (ok/error/interrupted), error, seconds,
+                    device, backend, vessel volume in mm^3, windows, estimated seconds, TTA
   --save-probabilities   OUTPUT/probabilities/<output name>  (float32 vessel probability)
 
 Masks are uint8 {0, 1} with the input's size, spacing, origin and direction, written to a
-temporary file and renamed into place. A case that fails gets one line on stderr and in
-results.json; the others are still segmented. Exit status: 0 every case ok, 1 a case failed,
-2 nothing could run (no input volume, unusable weights or options).
+temporary file, read back and compared, then renamed into place. A case that fails gets one
+line on stderr and in results.json, and loses the mask an earlier run left; the others are
+still segmented. A run holds OUTPUT/.lock: a second run on the same output exits at once.
+Exit status: 0 every case ok, 1 a case failed, 2 nothing could run (no input volume, unusable
+weights, options or output folder), 128 + signal when stopped (143: SIGTERM, docker stop).
 Defaults: INPUT /input, OUTPUT /output, weights the weights/ folder beside this file.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
 
-OUTPUT_SLUG = "cerebral-artery-segmentation"  # Grand Challenge output interface
-INPUT_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")  # .mhd is refused: its voxels are apart
-CHANNEL_SUFFIX = "_0000"  # SHINY-ICARUS/nnU-Net single-channel inputs
-RESULTS = "results.json"
-PROBABILITIES = "probabilities"
+from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract's names)
+    CHANNEL_SUFFIX,
+    OUTPUT_SLUG,
+    PROBABILITIES,
+    RESULTS,
+    Pacer,
+    Report,
+    find_cases,
+    remove_leftovers,
+    run_case,
+)
+from inference.file_checks import IMAGE_SUFFIXES
+from inference.io import (
+    Interrupted,
+    WriteError,
+    claim_folder,
+    interrupt_on_signals,
+    quiet_itk,
+)
+
+INPUT_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".mhd")  # .mhd: refused, one line
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-
-
-def is_image(path: Path) -> bool:
-    name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and name.endswith(INPUT_SUFFIXES)
-
-
-def find_cases(input_dir: Path, output_dir: Path) -> tuple[str, list[tuple[Path, Path]]]:
-    """The convention and the (input, output) pairs, sorted by input name."""
-    if (input_dir / "images").is_dir():
-        sources = sorted(p for p in (input_dir / "images").glob("*/*") if is_image(p))
-        target = output_dir / "images" / OUTPUT_SLUG
-        return "grand-challenge", [(source, target / source.name) for source in sources]
-    pairs = []
-    for source in sorted(p for p in input_dir.glob("*") if is_image(p)):
-        name = source.name[: -len(".nii.gz")] if source.name.endswith(".nii.gz") else source.stem
-        suffix = source.name[len(name) :]
-        pairs.append((source, output_dir / (name.removesuffix(CHANNEL_SUFFIX) + suffix)))
-    return "shiny-icarus", pairs
-
-
-def write_results(output_dir: Path, report: dict) -> None:
-    """results.json, replaced atomically after every case (a crash keeps the cases so far)."""
-    path = output_dir / RESULTS
-    temporary = output_dir / f".{RESULTS}.tmp"
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,29 +65,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tta", action="store_true", help="mirroring TTA (8 passes per window)")
     parser.add_argument("--no-postprocess", action="store_true", help="keep every component")
     parser.add_argument("--save-probabilities", action="store_true")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=os.environ.get("VESSEL_SEG_TIME_LIMIT"),
+        metavar="SECONDS",
+        help="per case: TTA is dropped when the estimated network time exceeds it "
+        "(env VESSEL_SEG_TIME_LIMIT)",
+    )
     return parser.parse_args(argv)
-
-
-def fail(report: dict, output_dir: Path, message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    report["error"] = message
-    write_results(output_dir, report)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.output.mkdir(parents=True, exist_ok=True)
-    convention, cases = find_cases(args.input, args.output)
-    report = {"input": str(args.input), "convention": convention, "error": None, "cases": []}
-    if not args.input.is_dir():
-        return fail(report, args.output, f"{args.input}: input folder not found")
-    if not cases:
-        expected = f"*{CHANNEL_SUFFIX}.nii.gz or images/<slug>/*{{{','.join(INPUT_SUFFIXES)}}}"
-        return fail(report, args.output, f"{args.input}: no input volume found ({expected})")
+    quiet_itk()
+    try:
+        with claim_folder(args.output), interrupt_on_signals():
+            report = Report(args.output, args.input)  # replaces the last run's report at once
+            remove_leftovers(args.output)
+            try:
+                return segment_all(args, report)
+            except Interrupted as stop:
+                if stop.result is not None:
+                    report.add(stop.result)
+                report.finish("interrupted", str(stop))
+                print(f"error: {stop}", file=sys.stderr)
+                return 128 + stop.signum
+    except WriteError as error:  # the output folder is not ours, or not writable
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Interrupted as stop:
+        return 128 + stop.signum
 
-    from inference.cases import run_case  # heavy imports after the cheap checks
-    from inference.predictor import Predictor, PredictorSettings
+
+def fail(report: Report, message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    report.finish("error", message)
+    return 2
+
+
+def load_predictor(args: argparse.Namespace):
+    from inference.predictor import Predictor, PredictorSettings  # torch: after the cheap checks
 
     settings = PredictorSettings(
         device=args.device,
@@ -103,24 +115,43 @@ def main(argv: list[str] | None = None) -> int:
         tta=args.tta,
         postprocess=not args.no_postprocess,
     )
+    return Predictor(args.weights, settings)
+
+
+def segment_all(args: argparse.Namespace, report: Report) -> int:
+    if not args.input.is_dir():
+        return fail(report, f"{args.input}: input folder not found")
     try:
-        predictor = Predictor(args.weights, settings)
-    except (ValueError, RuntimeError, OSError) as error:  # WeightError, BackendError, ...
-        return fail(report, args.output, " ".join(str(error).split()))
-    report.update(device=predictor.backend.device, backend=predictor.backend.name)
-    report["folds"] = predictor.folds
+        convention, cases = find_cases(args.input, args.output)
+    except OSError as error:
+        return fail(report, f"{args.input}: cannot list the input folder ({error.strerror})")
+    report.data["convention"] = convention
+    if not cases:
+        expected = f"*{CHANNEL_SUFFIX}.nii.gz or images/<slug>/*{{{','.join(INPUT_SUFFIXES)}}}"
+        return fail(report, f"{args.input}: no input volume found ({expected})")
+    try:
+        predictor = load_predictor(args)
+    except Exception as error:  # WeightError, BackendError, a bad option: one line, exit 2
+        return fail(report, " ".join(str(error).split()) or type(error).__name__)
+    report.data.update(
+        device=predictor.backend.device, backend=predictor.backend.name, folds=predictor.folds
+    )
+    report.write()
+    pacer = Pacer(predictor, args.time_limit)
     failed = 0
-    for source, target in cases:
-        probability = args.output / PROBABILITIES / target.name if args.save_probabilities else None
-        result = run_case(predictor, source, target, probability)
-        report["cases"].append(result.to_dict())
-        write_results(args.output, report)
+    for case in cases:
+        probability = None
+        if args.save_probabilities:
+            probability = args.output / PROBABILITIES / case.target.name
+        result = run_case(predictor, case, probability, pacer)
+        report.add(result)
         if result.status != "ok":
             failed += 1
             print(f"error: {result.error}", file=sys.stderr)
         else:
-            print(f"{source.name} -> {target} ({result.seconds:.1f} s)", file=sys.stderr)
-    return 1 if failed else 0
+            print(f"{case.source.name} -> {case.target} ({result.seconds:.1f} s)", file=sys.stderr)
+    report.finish("done" if not failed else "failed")
+    return 1 if failed or report.failed else 0
 
 
 if __name__ == "__main__":

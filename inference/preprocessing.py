@@ -7,8 +7,8 @@ SimpleITK speaks ``(x, y, z)``, and the conversion happens here only.
 
 from __future__ import annotations
 
-import gzip
-import zlib
+import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +16,27 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+from inference.file_checks import (
+    IMAGE_SUFFIXES,
+    InputError,
+    check_payload,
+    check_raw_header,
+    itk_name,
+    regular_file,
+)
+
 SPACING_TOLERANCE = 0.01  # relative: closer spacings are not worth an interpolation
-GZIP_MAGIC = b"\x1f\x8b"
 DEFAULT_NORMALIZATION = {
     "scheme": "percentile", "lower_percentile": 50.0, "upper_percentile": 99.5,
     "exclude_fill": True,
 }
-
-
-class InputError(ValueError):
-    """An input volume that cannot be segmented; the message is one line naming the file."""
+# Bounds checked on the header, before any voxel is read: a 2^29-voxel input (1024x1024x512)
+# already needs 2 GB as float32 beside its stored copy; spacings outside [1 um, 10 cm] are a
+# broken header (NIfTI's pixdim 0 or 1e-30), whose resampling would have no meaning.
+MAX_INPUT_VOXELS = 2**29
+MAX_INPUT_BYTES = 2**32
+SPACING_RANGE_MM = (1e-3, 100.0)
+COMPLEX = {sitk.sitkComplexFloat32, sitk.sitkComplexFloat64}
 
 
 @dataclass(frozen=True)
@@ -39,12 +49,16 @@ class Geometry:
     direction: tuple[float, ...]  # 9 values, row-major, as SimpleITK gives them
 
     @classmethod
-    def of(cls, image: sitk.Image) -> Geometry:
+    def of(cls, image: sitk.Image | sitk.ImageFileReader) -> Geometry:
+        """The geometry of an image, or of a reader's header (its first three axes)."""
+        size, spacing = image.GetSize()[:3], image.GetSpacing()[:3]
+        dimension = len(image.GetSize())
+        direction = np.reshape(image.GetDirection(), (dimension, dimension))[:3, :3]
         return cls(
-            shape=tuple(reversed(image.GetSize())),
-            spacing=tuple(reversed(image.GetSpacing())),
-            origin=tuple(image.GetOrigin()),
-            direction=tuple(image.GetDirection()),
+            shape=tuple(int(n) for n in reversed(size)),
+            spacing=tuple(float(s) for s in reversed(spacing)),
+            origin=tuple(float(o) for o in image.GetOrigin()[:3]),
+            direction=tuple(float(d) for d in direction.ravel()),
         )
 
     def image_from(self, array: np.ndarray) -> sitk.Image:
@@ -67,59 +81,90 @@ def case_name(path: str | Path) -> str:
     return Path(name).stem
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+def read_image(
+    path: str | Path, check_geometry: Callable[[Geometry], None] | None = None
+) -> tuple[np.ndarray, Geometry]:
     """Read a 3D single-channel volume as float32 ``(z, y, x)`` with its geometry.
 
     Raises :class:`InputError` with one line naming the file for anything that is not a
-    finite, non-constant, single-channel 3D volume.
+    finite, non-constant, single-channel 3D volume read completely from its own file. The
+    header is checked first (:func:`check_header`, then ``check_geometry``, e.g. the model's
+    bounds), so that no voxel of an absurd or hostile header is ever allocated.
     """
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        # Beside ITK's reader, not before it: both inflate without holding the GIL, so the
-        # check costs no time (it doubled the reading of a 512x512x400 volume).
-        stream_check = pool.submit(check_gzip_stream, path)
-        try:
-            image, failure = sitk.ReadImage(str(path)), None
-        except RuntimeError as error:
-            image, failure = None, error
-        stream_check.result()  # a truncated stream is the error to report, whatever ITK did
+    path = Path(path)
+    regular_file(path)
+    fields, header_length = check_raw_header(path)
+    with itk_name(path) as name:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(name)
+        _, failure = itk_call(path, reader.ReadImageInformation)
+        if failure is not None:
+            raise failure
+        geometry, payload = check_header(path, reader)
+        if check_geometry is not None:
+            check_geometry(geometry)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # Beside ITK's reader, not before it: both inflate without holding the GIL.
+            complete = pool.submit(check_payload, path, payload, fields, header_length)
+            image, failure = itk_call(path, reader.Execute)
+            complete.result()  # a short payload is the error to report, whatever ITK did
     if failure is not None:
-        reason = str(failure).strip().splitlines()[-1] if str(failure).strip() else "unreadable"
-        raise InputError(f"{path}: not a readable image ({reason[:160]})") from None
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(
-            f"{path}: {image.GetNumberOfComponentsPerPixel()} channels per voxel, "
-            "expected a single-channel volume"
-        )
-    size = image.GetSize()
-    if image.GetDimension() == 4 and size[3] == 1:
+        raise failure
+    if image.GetDimension() == 4:
         image = image[:, :, :, 0]
-    elif image.GetDimension() != 3:
-        raise InputError(f"{path}: {image.GetDimension()}D image of size {size}, expected 3D")
     stored = sitk.GetArrayViewFromImage(image)
     check_voxels(path, stored)  # on the file's own type: 16-bit integers are half the bytes
-    return stored.astype(np.float32), Geometry.of(image)
+    with np.errstate(over="ignore"):  # checked below
+        array = stored.astype(np.float32)
+    if np.issubdtype(stored.dtype, np.floating) and stored.dtype.itemsize > 4:
+        check_finite(path, array)  # float64 beyond 3.4e38 overflows float32 to inf
+    return array, Geometry.of(image)
 
 
-def check_gzip_stream(path: str | Path, chunk: int = 1 << 22) -> None:
-    """Raise :class:`InputError` for a ``.gz`` file whose stream is truncated or corrupt.
-
-    ITK's gzip reader fills whatever a truncated ``.nii.gz`` lacks with zeros and reports no
-    error, so the whole stream is decompressed once here (about a second for a 512^3 int16
-    volume, in bounded memory).
-    """
-    if not str(path).lower().endswith(".gz"):
-        return
+def itk_call(path: Path, call: Callable) -> tuple[object, InputError | None]:
+    """``call()``'s result, or ITK's multi-line exception as one :class:`InputError` line."""
     try:
-        with open(path, "rb") as raw:
-            if raw.read(2) != GZIP_MAGIC:
-                return  # not gzip at all: SimpleITK says what it is or is not
-        with gzip.open(path, "rb") as stream:
-            while stream.read(chunk):
-                pass
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (EOFError, OSError, zlib.error) as error:
-        raise InputError(f"{path}: truncated or corrupt gzip data ({error})") from None
+        return call(), None
+    except RuntimeError as error:
+        lines = str(error).strip().splitlines()
+        reason = lines[-1].strip()[:160] if lines else "unreadable"
+        return None, InputError(f"{path}: not a readable image ({reason})")
+
+
+def check_header(path: Path, reader: sitk.ImageFileReader) -> tuple[Geometry, int]:
+    """The geometry and the voxel bytes a header announces, once they are a 3D single-channel
+    real volume of sane spacing within :data:`MAX_INPUT_VOXELS` and :data:`MAX_INPUT_BYTES`."""
+    size, pixel = reader.GetSize(), reader.GetPixelID()
+    if pixel in COMPLEX:
+        raise InputError(f"{path}: complex voxels ({sitk.GetPixelIDValueAsString(pixel)})")
+    if reader.GetNumberOfComponents() != 1:
+        raise InputError(
+            f"{path}: {reader.GetNumberOfComponents()} channels per voxel, "
+            "expected a single-channel volume"
+        )
+    if len(size) not in (3, 4) or (len(size) == 4 and size[3] != 1):
+        raise InputError(f"{path}: {len(size)}D image of size {size}, expected 3D")
+    if min(size[:3]) < 2:
+        raise InputError(f"{path}: size {size[:3]} is a single slice, expected a volume")
+    geometry = Geometry.of(reader)
+    low, high = SPACING_RANGE_MM
+    if not all(low <= s <= high for s in geometry.spacing):  # also False for NaN
+        raise InputError(
+            f"{path}: spacing {reader.GetSpacing()[:3]} mm in the header: each must lie in "
+            f"[{low:g}, {high:g}] mm"
+        )
+    direction = np.reshape(geometry.direction, (3, 3))
+    finite = np.isfinite(geometry.origin).all() and np.isfinite(direction).all()
+    if not finite or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputError(f"{path}: origin or direction in the header is not finite or singular")
+    voxels = math.prod(size)
+    payload = voxels * sitk.Image([1] * 3, pixel).GetSizeOfPixelComponent()
+    if voxels > MAX_INPUT_VOXELS or payload > MAX_INPUT_BYTES:
+        raise InputError(
+            f"{path}: {size[:3]} voxels ({payload / 2**30:.1f} GiB) exceed the supported "
+            f"{MAX_INPUT_VOXELS:,} voxels or {MAX_INPUT_BYTES / 2**30:g} GiB"
+        )
+    return geometry, payload
 
 
 def check_voxels(path: str | Path, array: np.ndarray) -> None:
@@ -129,6 +174,15 @@ def check_voxels(path: str | Path, array: np.ndarray) -> None:
         raise InputError(f"{path}: {int((~np.isfinite(array)).sum())} voxels are NaN or infinite")
     if array.min() == array.max():
         raise InputError(f"{path}: constant volume (every voxel is {array.flat[0]:g})")
+
+
+def check_finite(path: str | Path, array: np.ndarray) -> None:
+    """Refuse float32 voxels that are not finite after the conversion (overflow to inf)."""
+    bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise InputError(
+            f"{path}: {bad} voxels are NaN or infinite as float32 (values beyond +-3.4e38)"
+        )
 
 
 def needs_resampling(spacing, target_spacing) -> bool:

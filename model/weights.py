@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,26 +145,123 @@ def write_manifest(directory: str | Path, manifest: Manifest) -> Path:
     return path
 
 
-def load_manifest(directory: str | Path) -> Manifest:
-    path = Path(directory) / MANIFEST
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+def read_confined(path: Path, limit: int, what: str) -> bytes:
+    """At most ``limit`` + 1 bytes of ``path``, once it is a regular file in its own folder:
+    never a device (``/dev/zero`` would fill the memory), a pipe (which blocks the reader) or
+    a link leaving the weights folder. One-line :class:`WeightError` otherwise."""
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != os.path.realpath(path.parent):
+        raise WeightError(f"{path}: the {what} is a link leaving {path.parent}")
     try:
-        data = json.loads(path.read_text())
+        handle = os.open(real, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the open
     except FileNotFoundError:
-        raise WeightError(f"{path}: manifest not found") from None
-    except json.JSONDecodeError as error:
+        raise WeightError(f"{path}: {what} not found") from None
+    except OSError as error:
+        raise WeightError(f"{path}: cannot read the {what} ({error.strerror})") from None
+    with os.fdopen(handle, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            raise WeightError(f"{path}: the {what} is not a regular file")
+        return stream.read(limit + 1)
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """The manifest of a weights folder, its types checked: any defect is one WeightError."""
+    path = Path(directory) / MANIFEST
+    text = read_confined(path, MAX_MANIFEST_BYTES, "manifest")
+    if len(text) > MAX_MANIFEST_BYTES:
+        raise WeightError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise WeightError(f"{path}: not valid JSON ({error})") from None
+    problem = manifest_type_problem(data)
+    if problem:
+        raise WeightError(f"{path}: invalid manifest ({problem})")
     return Manifest.from_dict(data, source=str(path))
 
 
+def is_count(value, minimum: int = 0) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def is_plain_name(name) -> bool:
+    """A file name inside the weights folder: no separator, not ``.`` or ``..``."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not set(name) & set("/\\\0")
+
+
+def manifest_type_problem(data) -> str | None:
+    """What is wrong with the types of a parsed manifest, or ``None``: checked before anything
+    reaches a dataclass, which would take a string for a size and fail far from the file."""
+    if not isinstance(data, dict):
+        return f"a JSON object expected, not {type(data).__name__}"
+    checks = (sections_problem, architecture_problem, grid_problem, folds_problem)
+    return next((problem for check in checks if (problem := check(data))), None)
+
+
+def sections_problem(data: dict) -> str | None:
+    kinds = {"architecture": dict, "normalization": dict, "postprocess": dict, "folds": list}
+    kinds |= {"provenance": dict, "patch_size": list, "target_spacing": list, "format": str}
+    for key, kind in kinds.items():
+        if not isinstance(data.get(key, kind()), kind):
+            return f"{key} must be a {kind.__name__}"
+    return None
+
+
+def architecture_problem(data: dict) -> str | None:
+    """Each setting of the type of :class:`Architecture`'s default, counts positive."""
+    defaults = {name: f.default for name, f in Architecture.__dataclass_fields__.items()}
+    for key, value in data.get("architecture", {}).items():
+        if key in defaults and type(value) is not type(defaults[key]):
+            return f"architecture.{key} must be a {type(defaults[key]).__name__}"
+        if type(value) is int and value < 1:
+            return f"architecture.{key} must be positive"
+    return None
+
+
+def grid_problem(data: dict) -> str | None:
+    patch = data.get("patch_size", [16] * 3)
+    if len(patch) != 3 or not all(is_count(n, 16) and n % 16 == 0 for n in patch):
+        return "patch_size must be three positive multiples of 16"
+    spacing = data.get("target_spacing", [1.0] * 3)
+    if len(spacing) != 3 or not all(type(s) in (int, float) and 0 < s < math.inf for s in spacing):
+        return "target_spacing must be three positive, finite numbers"
+    normalization = data.get("normalization", {})
+    percentiles = [normalization.get(k, 0) for k in ("lower_percentile", "upper_percentile")]
+    if not all(type(v) in (int, float) and 0 <= v <= 100 for v in percentiles):
+        return "normalization percentiles must be numbers in [0, 100]"
+    return None
+
+
+def folds_problem(data: dict) -> str | None:
+    """Each entry exactly fold, file (a name in the folder), sha256 (hex) and bytes."""
+    folds = data.get("folds", [])
+    for index, entry in enumerate(folds):
+        if not isinstance(entry, dict) or set(entry) != {"fold", "file", "sha256", "bytes"}:
+            return f"folds[{index}] must have exactly fold, file, sha256 and bytes"
+        if not (is_count(entry["fold"]) and is_count(entry["bytes"], 1)):
+            return f"folds[{index}]: fold and bytes must be non-negative integers"
+        if not is_plain_name(entry["file"]):
+            return f"folds[{index}]: file {entry['file']!r} is not a name in the weights folder"
+        sha = entry["sha256"]
+        if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+            return f"folds[{index}]: sha256 must be 64 lower-case hex digits"
+    numbers = [entry["fold"] for entry in folds]
+    return f"fold numbers repeat: {numbers}" if len(set(numbers)) != len(numbers) else None
+
+
 def verified_bytes(path: Path, entry: FoldEntry) -> bytes:
-    """The file's bytes, once its size and sha256 match the manifest."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise WeightError(f"{path}: weight file not found") from None
+    """The file's bytes, once its size and sha256 match the manifest (read with that bound)."""
+    if not is_plain_name(entry.file):
+        raise WeightError(f"{path}: the manifest's file {entry.file!r} leaves the weights folder")
+    data = read_confined(path, entry.bytes, "weight file")
     if len(data) < entry.bytes:
         raise WeightError(f"{path}: truncated, {len(data)} of {entry.bytes} bytes")
-    if len(data) != entry.bytes or sha256_hex(data) != entry.sha256:
+    if len(data) != entry.bytes:
+        raise WeightError(f"{path}: larger than the manifest's {entry.bytes} bytes: modified?")
+    if sha256_hex(data) != entry.sha256:
         raise WeightError(
             f"{path}: sha256 {sha256_hex(data)[:16]}... does not match the manifest's "
             f"{entry.sha256[:16]}...: the file is corrupted or was modified"
