@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint demo train results local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
+.PHONY: venv test lint demo train results pilot local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -20,13 +20,16 @@ test: lint
 	$(PYTHON) -m pytest
 
 demo: venv
-	$(PYTHON) -m inference.demo
+	$(PYTHON) test/demo.py
 
 train: venv
 	$(PYTHON) -m train --sites 3 --fold 0
 
 results: venv
 	$(PYTHON) -m train.study all
+
+pilot: venv
+	$(PYTHON) -m train.study pilot
 
 local-test: venv
 	test/run_local_test.sh

@@ -30,7 +30,6 @@ import sys
 from pathlib import Path
 
 from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract's names)
-    CHANNEL_SUFFIX,
     OUTPUT_SLUG,
     PROBABILITIES,
     RESULTS,
@@ -40,7 +39,6 @@ from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract'
     remove_leftovers,
     run_case,
 )
-from inference.file_checks import IMAGE_SUFFIXES
 from inference.io import (
     Interrupted,
     WriteError,
@@ -48,8 +46,8 @@ from inference.io import (
     interrupt_on_signals,
     quiet_itk,
 )
+from inference.naming import CHANNEL_SUFFIX, SUPPORTED_SUFFIXES
 
-INPUT_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".mhd")  # .mhd: refused, one line
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
@@ -127,7 +125,7 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         return fail(report, f"{args.input}: cannot list the input folder ({error.strerror})")
     report.data["convention"] = convention
     if not cases:
-        expected = f"*{CHANNEL_SUFFIX}.nii.gz or images/<slug>/*{{{','.join(INPUT_SUFFIXES)}}}"
+        expected = f"*{CHANNEL_SUFFIX}.nii.gz or images/<slug>/*{{{','.join(SUPPORTED_SUFFIXES)}}}"
         return fail(report, f"{args.input}: no input volume found ({expected})")
     try:
         predictor = load_predictor(args)

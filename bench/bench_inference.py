@@ -4,7 +4,7 @@
 
 All contenders segment the same phantom with the same five folds (the shipped weights in
 ``weights/`` when present, else full-width networks whose random features get a fitted head,
-see :func:`inference.testing.fit_head`, so that the masks mean something), overlap 0.5,
+see :func:`helpers.fit_head (test/helpers.py)`, so that the masks mean something), overlap 0.5,
 Gaussian weighting (sigma = patch/8), threshold 0.5 and the same connected-component cleaning:
 
 - ``monai_torch`` (baseline A): ``monai.inferers.sliding_window_inference`` driving the folds'
@@ -69,7 +69,9 @@ def make_weights(workdir: Path, folds: int, patch: int, seed: int) -> Path:
     import SimpleITK as sitk
     import torch
 
-    from inference.testing import fit_head, write_weights
+    sys.path.insert(0, str(ROOT / "test"))  # the test helpers fit the heads
+    from helpers import fit_head, write_weights
+
     from model.network import VesselUNet
     from phantoms import generate_case
 

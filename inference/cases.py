@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from inference.file_checks import InputError, image_suffix
+from inference.file_checks import InputError
 from inference.io import (
     TEMPORARY_PREFIX,
     Interrupted,
@@ -24,13 +24,13 @@ from inference.io import (
     write_image_atomically,
     write_text_atomically,
 )
-from inference.preprocessing import Geometry, case_name, read_image
+from inference.naming import CHANNEL_SUFFIX, case_name, image_suffix
+from inference.preprocessing import Geometry, read_image
 
 if TYPE_CHECKING:  # the predictor imports torch: not needed to find cases or to report
     from inference.predictor import Predictor
 
 OUTPUT_SLUG = "cerebral-artery-segmentation"  # Grand Challenge output interface
-CHANNEL_SUFFIX = "_0000"  # SHINY-ICARUS/nnU-Net single-channel inputs
 RESULTS = "results.json"
 PROBABILITIES = "probabilities"
 REFUSED_SUFFIXES = {".mhd": "a MetaImage with a separate data file: convert it to .mha"}

@@ -21,7 +21,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+from inference.naming import image_suffix
+
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_TEXT_HEADER = 1 << 16  # MetaImage/NRRD headers are a few hundred bytes
 CHUNK = 1 << 22
@@ -31,12 +32,6 @@ MAX_NIFTI_OFFSET = 1 << 30  # NIfTI extensions before the voxels
 
 class InputError(ValueError):
     """An input volume that cannot be segmented; the message is one line naming the file."""
-
-
-def image_suffix(path: str | Path) -> str:
-    """The image suffix of ``path`` in lower case (``.nii.gz``, ``.mha``...), or ``""``."""
-    name = Path(path).name.lower()
-    return next((suffix for suffix in IMAGE_SUFFIXES if name.endswith(suffix)), "")
 
 
 # --- reading: checks before and beside ITK ---------------------------------------------------

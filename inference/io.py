@@ -21,12 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from inference.file_checks import (
-    InputError,
-    check_payload,
-    check_raw_header,
-    image_suffix,
-)
+from inference.file_checks import InputError, check_payload, check_raw_header
+from inference.naming import image_suffix
 
 TEMPORARY_PREFIX = ".tmp-"  # of the files written before their rename into place
 

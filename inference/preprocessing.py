@@ -17,7 +17,6 @@ import numpy as np
 import SimpleITK as sitk
 
 from inference.file_checks import (
-    IMAGE_SUFFIXES,
     InputError,
     check_payload,
     check_raw_header,
@@ -70,15 +69,6 @@ class Geometry:
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
-
-
-def case_name(path: str | Path) -> str:
-    """File name without its image suffix (``CASE_0000.nii.gz`` -> ``CASE_0000``)."""
-    name = Path(path).name
-    for suffix in IMAGE_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
 
 
 def read_image(

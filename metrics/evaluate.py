@@ -35,10 +35,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from inference.naming import SUPPORTED_SUFFIXES, case_name
 from metrics.case import DISTANCE_METRICS, METRIC_NAMES, score_case
 
-EXTENSIONS = (".nii.gz", ".nii", ".mha", ".nrrd")
-CHANNEL_SUFFIX = "_0000"
 SPACING_RTOL = 1e-4
 
 
@@ -51,7 +50,7 @@ class PairError(Exception):
 
 
 @dataclass
-class CaseResult:
+class CaseScore:
     case: str
     gt: str
     pred: str | None
@@ -65,16 +64,6 @@ class Summary:
     n: int
     mean: dict[str, float] = field(default_factory=dict)
     std: dict[str, float] = field(default_factory=dict)
-
-
-def case_name(filename: str) -> str | None:
-    """The case a mask file belongs to, or ``None`` for a file that is not a mask."""
-    lower = filename.lower()
-    for ext in EXTENSIONS:
-        if lower.endswith(ext) and not filename.startswith("."):
-            stem = filename[: -len(ext)]
-            return stem[: -len(CHANNEL_SUFFIX)] if stem.endswith(CHANNEL_SUFFIX) else stem
-    return None
 
 
 def list_cases(folder: Path) -> dict[str, Path]:
@@ -123,10 +112,10 @@ def _mm(spacing: Sequence[float]) -> str:
     return "x".join(f"{s:.6g}" for s in spacing) + " mm"
 
 
-def evaluate_case(case: str, gt_path: Path, pred_path: Path | None) -> CaseResult:
+def evaluate_case(case: str, gt_path: Path, pred_path: Path | None) -> CaseScore:
     """Read, check and score one case; never raises for a bad pair."""
     pred_name = None if pred_path is None else str(pred_path)
-    result = CaseResult(case=case, gt=str(gt_path), pred=pred_name, status="ok")
+    result = CaseScore(case=case, gt=str(gt_path), pred=pred_name, status="ok")
     try:
         gt, gt_size, gt_spacing = read_mask(gt_path)
         if pred_path is None:
@@ -142,17 +131,17 @@ def evaluate_case(case: str, gt_path: Path, pred_path: Path | None) -> CaseResul
     return result
 
 
-def _evaluate_args(args: tuple[str, Path, Path | None]) -> CaseResult:
+def _evaluate_args(args: tuple[str, Path, Path | None]) -> CaseScore:
     return evaluate_case(*args)
 
 
 def evaluate_folders(
     pred_dir: Path, gt_dir: Path, workers: int = 1
-) -> tuple[list[CaseResult], list[Path]]:
+) -> tuple[list[CaseScore], list[Path]]:
     """Score every ground-truth case; returns the results and the unmatched predictions."""
     gt_cases, pred_cases = list_cases(gt_dir), list_cases(pred_dir)
     if not gt_cases:
-        raise UsageError(f"{gt_dir}: no mask files ({', '.join(EXTENSIONS)})")
+        raise UsageError(f"{gt_dir}: no mask files ({', '.join(SUPPORTED_SUFFIXES)})")
     jobs = [(case, path, pred_cases.get(case)) for case, path in sorted(gt_cases.items())]
     extra = [path for case, path in sorted(pred_cases.items()) if case not in gt_cases]
     if workers > 1 and len(jobs) > 1:
@@ -163,7 +152,7 @@ def evaluate_folders(
     return results, extra
 
 
-def summarize(results: Iterable[CaseResult]) -> Summary:
+def summarize(results: Iterable[CaseScore]) -> Summary:
     """Mean and sample standard deviation of each metric over the scored cases."""
     scored = [r.metrics for r in results if r.metrics is not None]
     summary = Summary(n=len(scored))
@@ -181,7 +170,7 @@ def _cell(name: str, value: float, count_decimals: int = 0) -> str:
     return f"{value:.3f}" if name in DISTANCE_METRICS else f"{value:.4f}"
 
 
-def format_table(results: Sequence[CaseResult], summary: Summary) -> str:
+def format_table(results: Sequence[CaseScore], summary: Summary) -> str:
     """Per-case rows with Table 1's columns and more, then mean and std rows."""
     width = max([len("case"), len("mean")] + [len(r.case) for r in results])
     header = f"{'case':<{width}}  " + "  ".join(f"{n:>9}" for n in METRIC_NAMES) + "  note"
@@ -206,7 +195,7 @@ def format_table(results: Sequence[CaseResult], summary: Summary) -> str:
     return "\n".join(lines)
 
 
-def write_csv(path: Path, results: Sequence[CaseResult]) -> None:
+def write_csv(path: Path, results: Sequence[CaseScore]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["case", "status", *METRIC_NAMES, "pred", "gt", "message"])
@@ -220,7 +209,7 @@ def write_csv(path: Path, results: Sequence[CaseResult]) -> None:
 
 
 def write_json(
-    path: Path, results: Sequence[CaseResult], summary: Summary, extra: Sequence[Path]
+    path: Path, results: Sequence[CaseScore], summary: Summary, extra: Sequence[Path]
 ) -> None:
     document = {
         "metrics": list(METRIC_NAMES),

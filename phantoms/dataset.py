@@ -65,7 +65,7 @@ def case_seed(seed: int, site: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, site, index]).generate_state(1)[0])
 
 
-def case_name(site: int, index: int) -> str:
+def dataset_case_name(site: int, index: int) -> str:
     """`case_000` without sites, `site3_000` for the first case of site 3."""
     return f"{'case' if site == 0 else f'site{site}'}_{index:03d}"
 
@@ -184,7 +184,7 @@ def write_dataset(
     for site in range(1, sites + 1) if sites else [0]:
         root = out / f"site{site}" if site else out
         site_prof = site_profile(site, seed) if site else profile or DEFAULT_PROFILE
-        names = [name] if name else [case_name(site, i) for i in range(cases)]
+        names = [name] if name else [dataset_case_name(site, i) for i in range(cases)]
         seeds = [case_seed(seed, site, i) for i in range(cases)]
         roots.append(
             _write_one_dataset(root, names, seeds, shape, site, site_prof, spacing, layout, family)

@@ -1,5 +1,6 @@
 """The container: Dockerfile lint, and the local test script in its Docker-free emulation."""
 
+import ast
 import hashlib
 import shutil
 import subprocess
@@ -10,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import write_weights
 
 from inference.io import write_image_atomically
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import Geometry, read_image
-from inference.testing import write_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "test" / "run_local_test.sh"
@@ -35,6 +36,27 @@ def test_dockerfile_copies_what_the_container_needs_and_runs_unprivileged():
     assert lines[-1] == 'ENTRYPOINT ["python", "process.py"]'
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "*" in ignored and all(f"!{path}" in ignored for path in copied)
+
+
+def test_the_image_holds_no_test_or_demo_code():
+    """Every module the Dockerfile copies imports only the image's own packages and its
+    requirements: no test helper, demo, metrics, phantoms or training code ships."""
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    copied = [ROOT / line.split()[1] for line in lines if line.startswith("COPY ")]
+    files = [f for c in copied for f in ([c] if c.is_file() else c.rglob("*.py"))
+             if f.suffix == ".py"]
+    assert len(files) > 10
+    shipped = {"model", "inference", "postprocess", "process"}
+    forbidden = {"helpers", "demo", "metrics", "phantoms", "train", "test", "bench"}
+    for file in files:
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            tops = {name.split(".")[0] for name in names}
+            assert not tops & forbidden, f"{file.relative_to(ROOT)} imports {tops & forbidden}"
+    assert not {f.stem for f in files} & {"testing", "demo", "helpers"}
+    assert shipped >= {f.relative_to(ROOT).parts[0].removesuffix(".py") for f in files} - {
+        "weights"}
 
 
 def shared_venv() -> Path:

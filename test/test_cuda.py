@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import SigmoidOfInput, tube_case, tube_volume, write_weights
 
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import Geometry
 from inference.sliding_window import WindowPlan, mirror_axes
-from inference.testing import SigmoidOfInput, tube_case, tube_volume, write_weights
 from inference.torch_backend import TorchBackend
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import write_weights
 
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import InputError, read_image
-from inference.testing import write_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "test" / "sample" / "input" / "sample_0000.nii.gz"

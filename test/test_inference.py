@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from helpers import SigmoidOfInput, tube_case, write_weights
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
@@ -16,7 +17,6 @@ from inference.openvino_backend import OpenVINOBackend, prepare
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry, normalize
 from inference.sliding_window import WindowPlan, mirror_axes, pad_to_patch, window_starts
-from inference.testing import SigmoidOfInput, tube_case, write_weights
 from inference.thin_conv import BlockedConv3d, with_blocked_spatial_convs
 from inference.torch_backend import TorchBackend
 from model.network import Architecture, VesselUNet

@@ -17,6 +17,7 @@ from medpy.metric import binary as medpy_binary
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from inference.naming import case_name
 from metrics import (
     METRIC_NAMES,
     balanced_average_hausdorff,
@@ -34,7 +35,6 @@ from metrics import (
     surface_distances,
     volumetric_similarity,
 )
-from metrics.evaluate import case_name
 
 REPO = Path(__file__).resolve().parents[1]
 medpy_surface_distances = getattr(medpy_binary, "__surface_distances")  # noqa: B009 (module-private)

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import tube_array, tube_volume, write_weights
 
 import process
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import read_image
-from inference.testing import tube_array, tube_volume, write_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ROTATED = (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)  # 90 degrees about z

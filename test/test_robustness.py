@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from helpers import tube_array, tube_volume, write_weights
 
 import process
 from inference.preprocessing import InputError, read_image
-from inference.testing import tube_array, tube_volume, write_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = ["--backend", "torch", "--device", "cpu"]

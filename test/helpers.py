@@ -1,4 +1,4 @@
-"""Weights and volumes for tests, benchmarks and the local container test.
+"""Weights and volumes for tests and benchmarks (never part of the container image).
 
 ``write_weights`` writes randomly initialised folds in exactly the shipped format
 (:func:`model.weights.save_fold` + :func:`model.weights.write_manifest`); ``tube_volume`` draws

@@ -1,6 +1,6 @@
 """Demo: segment the bundled sample with the shipped weights, draw it, score it.
 
-    python -m inference.demo [--output work/demo]
+    python test/demo.py [--output work/demo]      (make demo)
 
 Runs the container's entry point (``process.py``) on ``test/sample/input``, writes the mask and
 a preview PNG (maximum-intensity projections with the mask in red, by ``phantoms.preview``) to
