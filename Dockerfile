@@ -7,6 +7,8 @@
 # no CUDA of its own and the shipped and tested torch are the same version.
 FROM python:3.11-slim-bookworm
 
+# VESSEL_SEG_CACHE: OpenVINO models converted at run time (e.g. for weights in /opt/ml/model);
+# an empty /tmp is fine, and an unwritable one only means converting in memory each run.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

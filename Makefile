@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint demo train results pilot local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean
+.PHONY: venv test lint demo train results pilot local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean export push-shiny
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,6 +48,12 @@ bench-phantoms: venv
 
 bench-metrics: venv
 	$(PYTHON) bench/bench_metrics.py
+
+export:
+	submit/submit.sh export
+
+push-shiny:
+	submit/submit.sh push-shiny "$(REGISTRY)"
 
 clean:
 	rm -rf $(VENV) work .pytest_cache

@@ -2,24 +2,26 @@
 
 Contract (the convention is detected from what the input folder holds):
 
-  Grand Challenge   INPUT/images/<input-slug>/<name>{.mha,.nii.gz,.nii,.nrrd}
+  Grand Challenge   INPUT/images/<input-slug>/<name>{.mha,.nii.gz,.nii,.nrrd}, or the image
+                    inputs INPUT/inputs.json lists (slug, relative path; none leaving INPUT)
                  -> OUTPUT/images/cerebral-artery-segmentation/<name>  (same name and format)
-                    (chosen when images/<slug>/ holds image files; files beside images/ are
-                    then not inputs)
   SHINY-ICARUS      INPUT/<CASE>_0000.nii.gz  (flat, read-only; nnU-Net channel suffix)
                  -> OUTPUT/<CASE>.nii.gz  (any image suffix, in any letter case)
   always            OUTPUT/results.json: started afresh with the run ("status": "running"),
                     per case input, output, status (ok/error/interrupted), error, seconds,
-                    device, backend, vessel volume in mm^3, windows, estimated seconds, TTA
+                    device, backend, vessel volume in mm^3, windows, estimated seconds, TTA,
+                    folds; the weights, device name and memory, library versions
   --save-probabilities   OUTPUT/probabilities/<output name>  (float32 vessel probability)
 
 Masks are uint8 {0, 1} with the input's size, spacing, origin and direction, written to a
 temporary file, read back and compared, then renamed into place. A case that fails gets one
-line on stderr and in results.json, and loses the mask an earlier run left; the others are
-still segmented. A run holds OUTPUT/.lock: a second run on the same output exits at once.
+line on stderr and in results.json and loses the mask an earlier run left; if its header could
+be read it gets an all-zero mask with its geometry instead (still an error: SHINY-ICARUS pairs
+outputs by sorted position). The others are still segmented. A run holds OUTPUT/.lock.
 Exit status: 0 every case ok, 1 a case failed, 2 nothing could run (no input volume, unusable
 weights, options or output folder), 128 + signal when stopped (143: SIGTERM, docker stop).
-Defaults: INPUT /input, OUTPUT /output, weights the weights/ folder beside this file.
+Defaults: INPUT /input, OUTPUT /output, weights /opt/ml/model when it holds a manifest.json
+(Grand Challenge's model tarball; env VESSEL_SEG_MODEL_DIR), else weights/ beside this file.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract'
     OUTPUT_SLUG,
     PROBABILITIES,
     RESULTS,
+    InputsError,
     Pacer,
     Report,
     find_cases,
@@ -49,13 +52,21 @@ from inference.io import (
 from inference.naming import CHANNEL_SUFFIX, SUPPORTED_SUFFIXES
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+MODEL_DIR = Path(os.environ.get("VESSEL_SEG_MODEL_DIR", "/opt/ml/model"))  # Grand Challenge
+
+
+def default_weights() -> tuple[Path, str]:
+    """The uploaded model when it holds a manifest, else the built-in weights."""
+    if (MODEL_DIR / "manifest.json").is_file():
+        return MODEL_DIR, "model folder"
+    return WEIGHTS, "built-in"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=Path("/input"))
     parser.add_argument("--output", type=Path, default=Path("/output"))
-    parser.add_argument("--weights", type=Path, default=WEIGHTS)
+    parser.add_argument("--weights", type=Path, help=f"default {MODEL_DIR} or {WEIGHTS}")
     parser.add_argument("--folds", type=int, nargs="+", help="folds to ensemble (default all)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--backend", choices=("auto", "torch", "openvino"), default="auto")
@@ -68,10 +79,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=os.environ.get("VESSEL_SEG_TIME_LIMIT"),
         metavar="SECONDS",
-        help="per case: TTA is dropped when the estimated network time exceeds it "
-        "(env VESSEL_SEG_TIME_LIMIT)",
+        help="per case: TTA, then folds, are dropped when the estimated network time exceeds "
+        "it (env VESSEL_SEG_TIME_LIMIT)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        default=os.environ.get("VESSEL_SEG_DETERMINISTIC", "") not in ("", "0"),
+        help="CUDA: deterministic algorithms, no cuDNN autotuning (env VESSEL_SEG_DETERMINISTIC);"
+        " the CPU path is deterministic always",
+    )
+    args = parser.parse_args(argv)
+    args.weights_source = "option" if args.weights else None
+    if args.weights is None:
+        args.weights, args.weights_source = default_weights()
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +134,7 @@ def load_predictor(args: argparse.Namespace):
         overlap=args.overlap,
         tta=args.tta,
         postprocess=not args.no_postprocess,
+        deterministic=args.deterministic,
     )
     return Predictor(args.weights, settings)
 
@@ -123,6 +146,8 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         convention, cases = find_cases(args.input, args.output)
     except OSError as error:
         return fail(report, f"{args.input}: cannot list the input folder ({error.strerror})")
+    except InputsError as error:
+        return fail(report, str(error))
     report.data["convention"] = convention
     if not cases:
         expected = f"*{CHANNEL_SUFFIX}.nii.gz or images/<slug>/*{{{','.join(SUPPORTED_SUFFIXES)}}}"
@@ -131,8 +156,12 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         predictor = load_predictor(args)
     except Exception as error:  # WeightError, BackendError, a bad option: one line, exit 2
         return fail(report, " ".join(str(error).split()) or type(error).__name__)
+    from inference.backend_base import runtime_environment
+
     report.data.update(
-        device=predictor.backend.device, backend=predictor.backend.name, folds=predictor.folds
+        device=predictor.backend.device, backend=predictor.backend.name, folds=predictor.folds,
+        weights={"path": str(args.weights), "source": args.weights_source},
+        deterministic=args.deterministic, environment=runtime_environment(predictor.backend.device),
     )
     report.write()
     pacer = Pacer(predictor, args.time_limit)

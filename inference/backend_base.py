@@ -6,6 +6,7 @@ backends import these types without importing the module that imports them.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from inference.sliding_window import WindowPlan
 IR_FOLDER = "openvino"  # prepared OpenVINO models inside a weights folder
 
 Progress = Callable[[int], None]
+THREADS_ENV = "VESSEL_SEG_THREADS"  # CPU threads for the network (default: every available CPU)
 
 
 class BackendError(RuntimeError):
@@ -38,8 +40,10 @@ class Backend(Protocol):
         plan: WindowPlan,
         mirrors: Sequence[tuple[int, ...]],
         progress: Progress | None = None,
+        folds: Sequence[int] | None = None,
     ) -> np.ndarray:
-        """Mean vessel probability of all folds (and mirrors), float32, ``volume``'s shape."""
+        """Mean vessel probability of the folds (indices into those the backend was built with;
+        default all) and mirrors, float32, ``volume``'s shape."""
         ...
 
 
@@ -66,3 +70,69 @@ def available_cpus() -> int:
     if quota != "max":
         count = min(count, max(1, math.floor(int(quota) / int(period))))
     return count
+
+
+def inference_threads() -> int:
+    """CPU threads for the network: ``$VESSEL_SEG_THREADS`` when set (at most the available
+    CPUs), else :func:`available_cpus`. The mask does not depend on it (test_determinism.py)."""
+    count = available_cpus()
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if not value:
+        return count
+    try:
+        asked = int(value)
+    except ValueError:
+        raise BackendError(f"{THREADS_ENV}={value!r}: expected a positive integer") from None
+    if asked < 1:
+        raise BackendError(f"{THREADS_ENV}={value!r}: expected a positive integer")
+    return min(asked, count)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def memory_bytes() -> int | None:
+    """The memory this process may use: the machine's, capped by a cgroup v2 limit."""
+    total = None
+    with contextlib.suppress(OSError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return total
+    if limit.isdigit():
+        total = min(total, int(limit)) if total else int(limit)
+    return total
+
+
+def runtime_environment(device: str) -> dict:
+    """What ran, for ``results.json``: the device's name and memory, and the versions of torch,
+    CUDA, cuDNN and OpenVINO (``None`` where absent)."""
+    try:
+        import openvino
+
+        openvino_version = openvino.get_version()
+    except ImportError:
+        openvino_version = None
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": cudnn,
+        "openvino": openvino_version,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(device_name=properties.name, device_memory_bytes=properties.total_memory)
+    else:
+        info.update(device_name=cpu_name(), device_memory_bytes=memory_bytes())
+    return info

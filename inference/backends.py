@@ -67,6 +67,7 @@ def create_backend(
     backend: str = "auto",
     ir_dirs: Sequence[Path] = (),
     batch_size: int | None = None,
+    deterministic: bool = False,
 ) -> Backend:
     """The backend for ``nets`` (one per fold; ``fold_hashes`` are their weight files' sha256,
     which key the OpenVINO model cache; ``ir_dirs`` hold prepared OpenVINO models)."""
@@ -78,4 +79,4 @@ def create_backend(
         from inference.openvino_backend import OpenVINOBackend
 
         return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs)
-    return TorchBackend(nets, device, patch, batch_size=batch_size)
+    return TorchBackend(nets, device, patch, batch_size=batch_size, deterministic=deterministic)

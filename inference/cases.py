@@ -6,14 +6,17 @@ signal (:class:`~inference.io.Interrupted`), which marks the running case ``inte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
+import numpy as np
 from tqdm import tqdm
 
 from inference.file_checks import InputError
@@ -32,6 +35,7 @@ if TYPE_CHECKING:  # the predictor imports torch: not needed to find cases or to
 
 OUTPUT_SLUG = "cerebral-artery-segmentation"  # Grand Challenge output interface
 RESULTS = "results.json"
+INPUTS_JSON = "inputs.json"  # Grand Challenge: each input's interface slug and relative path
 PROBABILITIES = "probabilities"
 REFUSED_SUFFIXES = {".mhd": "a MetaImage with a separate data file: convert it to .mha"}
 
@@ -41,7 +45,8 @@ class Case:
     source: Path
     target: Path
     refusal: str | None = None  # why it must not run (one line naming the file)
-    keep_target: bool = False  # the target is an input: never remove it
+    keep_target: bool = False  # the target is an input (or not this case's): never remove it
+    interface: str | None = None  # Grand Challenge interface slug, from inputs.json
 
 
 def image_entries(folder: Path) -> list[Path]:
@@ -52,13 +57,20 @@ def image_entries(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if image_suffix(p) and not p.name.startswith("."))
 
 
+class InputsError(ValueError):
+    """An ``inputs.json`` that cannot be used; one line naming it."""
+
+
 def find_cases(input_dir: Path, output_dir: Path) -> tuple[str, list[Case]]:
     """The convention and the cases, sorted by input name.
 
-    Grand Challenge when ``images/<slug>/`` holds image files (then files beside ``images/``
-    are not inputs); otherwise the flat SHINY-ICARUS layout, where an unrelated ``images``
-    folder is ignored. ``CASE_0000.NII.GZ`` -> ``CASE.NII.GZ``: the suffix in any case.
+    Grand Challenge when ``inputs.json`` exists (:func:`cases_from_inputs_json`) or when
+    ``images/<slug>/`` holds image files (then files beside ``images/`` are not inputs);
+    otherwise the flat SHINY-ICARUS layout, where an unrelated ``images`` folder is ignored.
+    ``CASE_0000.NII.GZ`` -> ``CASE.NII.GZ``: the suffix in any case.
     """
+    if (input_dir / INPUTS_JSON).is_file():
+        return "grand-challenge", refuse_conflicts(cases_from_inputs_json(input_dir, output_dir))
     slugs = [p for p in sorted((input_dir / "images").glob("*")) if p.is_dir()]
     sources = [entry for slug in slugs for entry in image_entries(slug)]
     if sources:
@@ -71,6 +83,40 @@ def find_cases(input_dir: Path, output_dir: Path) -> tuple[str, list[Case]]:
         name = source.name[: -len(suffix)].removesuffix(CHANNEL_SUFFIX)
         cases.append(Case(source, output_dir / (name + suffix)))
     return "shiny-icarus", refuse_conflicts(cases)
+
+
+def cases_from_inputs_json(input_dir: Path, output_dir: Path) -> list[Case]:
+    """The image inputs ``inputs.json`` lists: each entry's ``interface.relative_path`` (a
+    folder, e.g. ``images/head-3dra``, or an image file) below ``input_dir``. Entries of other
+    kinds (a JSON value: no image there) are not inputs. A path that leaves ``input_dir``
+    (absolute, ``..``, a link out) or is missing becomes a refused case with one line."""
+    listing = input_dir / INPUTS_JSON
+    try:
+        entries = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputsError(f"{listing}: not readable as JSON ({error})") from None
+    if not isinstance(entries, list):
+        raise InputsError(f"{listing}: expected a list of interface values")
+    root, target = input_dir.resolve(), output_dir / "images" / OUTPUT_SLUG
+    cases = []
+    for entry in entries:
+        interface = entry.get("interface") if isinstance(entry, dict) else None
+        relative = interface.get("relative_path") if isinstance(interface, dict) else None
+        if not isinstance(relative, str) or not relative:
+            raise InputsError(f"{listing}: an entry without interface.relative_path")
+        slug = str(interface.get("slug") or relative)
+        path = input_dir / relative
+        refusal = None
+        if Path(relative).is_absolute() or not path.resolve().is_relative_to(root):
+            refusal = f"{listing}: {slug}: relative_path {relative!r} leaves {input_dir}"
+        elif not path.exists() and not path.is_symlink():
+            refusal = f"{listing}: {slug}: {path} not found"
+        if refusal:
+            cases.append(Case(path, target / path.name, refusal, True, slug))
+            continue
+        sources = image_entries(path) if path.is_dir() else [path] if image_suffix(path) else []
+        cases += [Case(source, target / source.name, interface=slug) for source in sources]
+    return sorted(cases, key=lambda case: case.source.name)
 
 
 def refuse_conflicts(cases: list[Case]) -> list[Case]:
@@ -118,6 +164,9 @@ class CaseResult:
     passes: int | None = None  # network passes: windows x folds x mirrors
     estimated_seconds: float | None = None  # network time announced before predicting
     tta: bool | None = None  # whether mirroring TTA ran (dropped under a time limit)
+    folds: list[int] | None = None  # the folds that ran (some dropped under a time limit)
+    interface: str | None = None  # Grand Challenge interface slug, from inputs.json
+    empty_mask: bool = False  # an all-zero mask written for a readable input that failed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,8 +187,8 @@ class Pacer:
     for the backend, scaled by the patch's voxels and the squared width of the network (the
     shipped 48^3, 16-channel folds: 0.04 s measured with OpenVINO bf16 on 2 cores, 0.12 s in
     eager torch, under 1 ms on an H200), and become the rate measured on the cases so far.
-    Over the limit, mirroring TTA is dropped for the case. Folds are not: the backends run all
-    the folds they were built with.
+    Over the limit, mirroring TTA is dropped for the case first, then folds (the first ``k``
+    that fit, at least one), each with a warning; the report records what ran.
     """
 
     SECONDS_PER_PASS = {"cuda": 0.01, "openvino": 0.15, "torch": 0.5}  # 48^3, 16 channels
@@ -154,23 +203,32 @@ class Pacer:
         self.measured = False
 
     def plan(self, geometry: Geometry, source: Path, result: CaseResult) -> None:
-        """Print the case's windows and estimated time; drop TTA when it would not fit."""
-        predictor = self.predictor
-        folds, mirrors = len(predictor.folds), len(predictor.mirrors)
-        result.passes = predictor.passes(geometry)
-        result.windows = result.passes // (folds * mirrors)
-        result.estimated_seconds = round(result.passes * self.seconds_per_pass, 3)
-        result.tta = mirrors > 1
-        limit = self.time_limit
-        if limit and result.estimated_seconds > limit and mirrors > 1:
+        """Print the case's windows and estimated time; drop TTA, then folds, when it would not
+        fit."""
+        predictor, limit = self.predictor, self.time_limit
+        folds, mirrors = len(predictor.active_folds), len(predictor.mirrors)
+        windows = predictor.passes(geometry) // (folds * mirrors)
+        cost = windows * self.seconds_per_pass  # seconds of one fold, one mirror
+        if limit and cost * folds * mirrors > limit and mirrors > 1:
             print(
-                f"warning: {source.name}: about {duration(result.estimated_seconds)} with TTA "
+                f"warning: {source.name}: about {duration(cost * folds * mirrors)} with TTA "
                 f"exceeds the time limit of {limit:g} s: TTA dropped for this case",
                 file=sys.stderr,
             )
-            predictor.mirrors, mirrors, result.tta = predictor.mirrors[:1], 1, False
-            result.passes = result.windows * folds
-            result.estimated_seconds = round(result.passes * self.seconds_per_pass, 3)
+            predictor.mirrors, mirrors = predictor.mirrors[:1], 1
+        if limit and cost * folds > limit and folds > 1:
+            keep = max(1, min(folds - 1, math.floor(limit / cost)))
+            print(
+                f"warning: {source.name}: about {duration(cost * folds)} with {folds} folds "
+                f"exceeds the time limit of {limit:g} s: {keep} of {folds} folds run",
+                file=sys.stderr,
+            )
+            predictor.active = list(range(keep)) if predictor.active is None else (
+                predictor.active[:keep])
+            folds = keep
+        result.windows, result.passes = windows, windows * folds * mirrors
+        result.estimated_seconds = round(result.passes * self.seconds_per_pass, 3)
+        result.tta, result.folds = mirrors > 1, list(predictor.active_folds)
         basis = "measured" if self.measured else "a conservative guess until a case is measured"
         print(
             f"{source.name}: {result.windows} windows x {folds} folds x {mirrors} mirrors = "
@@ -181,7 +239,7 @@ class Pacer:
         if limit and result.estimated_seconds > limit:
             print(
                 f"warning: {source.name}: the estimate exceeds the time limit of {limit:g} s "
-                "even without TTA; all folds still run",
+                "even with one fold and no TTA",
                 file=sys.stderr,
             )
 
@@ -190,11 +248,45 @@ class Pacer:
             self.seconds_per_pass, self.measured = seconds / passes, True
 
     def __enter__(self) -> Pacer:
-        self.mirrors = self.predictor.mirrors
+        self.saved = self.predictor.mirrors, self.predictor.active
         return self
 
     def __exit__(self, *exc) -> None:
-        self.predictor.mirrors = self.mirrors  # TTA dropped for one case only
+        self.predictor.mirrors, self.predictor.active = self.saved  # for one case only
+
+
+class TenthLines:
+    """Progress for a log (stderr not a terminal): one line at every tenth of ``total`` passes,
+    instead of tqdm's carriage-return redraws (about 150 KB for twelve 128^3 cases)."""
+
+    def __init__(self, name: str, total: int, stream: TextIO):
+        self.name, self.total, self.stream = name, max(total, 1), stream
+        self.done, self.tenths, self.start = 0, 0, time.perf_counter()
+
+    def __call__(self, passes: int) -> None:
+        self.done += passes
+        tenths = min(10, self.done * 10 // self.total)
+        if tenths > self.tenths:
+            self.tenths = tenths
+            print(
+                f"{self.name}: {tenths * 10}% ({self.done}/{self.total} passes, "
+                f"{time.perf_counter() - self.start:.1f} s)",
+                file=self.stream,
+                flush=True,
+            )
+
+
+@contextlib.contextmanager
+def progress_reporter(
+    name: str, total: int, stream: TextIO | None = None
+) -> Iterator[Callable[[int], None]]:
+    """A progress callback: tqdm's bar on a terminal, :class:`TenthLines` in a log."""
+    stream = stream or sys.stderr
+    if stream.isatty():
+        with tqdm(total=total, desc=name, unit="pass", file=stream) as bar:
+            yield bar.update
+    else:
+        yield TenthLines(name, total, stream)
 
 
 def duration(seconds: float) -> str:
@@ -208,20 +300,27 @@ def segment_file(
     probability_target: Path | None = None,
     pacer: Pacer | None = None,
     result: CaseResult | None = None,
+    headers: list[Geometry] | None = None,
 ) -> float:
     """Segment ``source`` into ``target`` (and its probability map into ``probability_target``);
     the vessel volume in mm^3. Raises on any failure, leaving no file behind. The header is
-    checked against the model's bounds before any voxel is read."""
-    array, geometry = read_image(source, lambda header: predictor.check(header, source))
+    checked against the model's bounds before any voxel is read; ``headers`` receives its
+    geometry once the reader accepted it (what an empty mask for a failed case needs)."""
+
+    def check(header: Geometry) -> None:
+        if headers is not None:
+            headers.append(header)
+        predictor.check(header, source)
+
+    array, geometry = read_image(source, check)
     result = result or CaseResult(str(source), None, "ok", None, 0.0, "", "")
     with pacer or Pacer(predictor) as pace:
         pace.plan(geometry, source, result)
         volume = predictor.model_input(array, geometry)
         del array  # the raw volume is no longer needed: keep the peak memory down
         start = time.perf_counter()
-        bar = tqdm(total=result.passes, desc=case_name(source), unit="pass", file=sys.stderr)
-        with bar:
-            probability = predictor.probability_of_input(volume, geometry, bar.update)
+        with progress_reporter(case_name(source), result.passes) as progress:
+            probability = predictor.probability_of_input(volume, geometry, progress)
         pace.record(result.passes, time.perf_counter() - start)
     del volume
     mask, volume_mm3 = predictor.mask_of(probability, geometry)
@@ -240,21 +339,28 @@ def run_case(
     pacer: Pacer | None = None,
 ) -> CaseResult:
     """:func:`segment_file` with the outcome as a report entry; never raises for a bad case.
-    A case that fails loses the mask (and probability map) an earlier run left for it."""
+    A case that fails loses the mask (and probability map) an earlier run left for it; when its
+    header could be read (NaN or constant voxels, beyond the model's bounds, a network
+    failure) it gets an all-zero mask with the input's geometry instead, so that every input
+    has an output of its name (SHINY-ICARUS's scorer pairs files by sorted position)."""
     start = time.perf_counter()
     backend = predictor.backend
     result = CaseResult(str(case.source), None, "ok", None, 0.0, backend.device, backend.name)
+    result.interface = case.interface
+    headers: list[Geometry] = []
+    failure: Exception | None = None
     try:
         if case.refusal:
             raise InputError(case.refusal)
         result.vessel_volume_mm3 = segment_file(
-            predictor, case.source, case.target, probability_target, pacer, result
+            predictor, case.source, case.target, probability_target, pacer, result, headers
         )
         result.output = str(case.target)
         if probability_target is not None:
             result.probability = str(probability_target)
     except Exception as error:  # one bad case must not stop the others
         result.status, result.error = "error", one_line(error, case.source)
+        failure = error
     except Interrupted as stop:
         result.status, result.error = "interrupted", f"{case.source}: {stop}"
         stop.result = result
@@ -263,7 +369,23 @@ def run_case(
         result.seconds = round(time.perf_counter() - start, 3)
         if result.status != "ok" and not case.keep_target:
             remove_stale(case.target, probability_target)
+    if result.status != "ok" and headers and not case.keep_target and not isinstance(
+        failure, WriteError
+    ):  # a write that failed would fail again
+        write_empty_mask(headers[0], case.target, result)
     return result
+
+
+def write_empty_mask(geometry: Geometry, target: Path, result: CaseResult) -> None:
+    """An all-zero uint8 mask with ``geometry`` at ``target``, recorded in ``result`` (which
+    stays ``error``); a write that fails is a warning line."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_image_atomically(geometry.image_from(np.zeros(geometry.shape, np.uint8)), target)
+    except (OSError, WriteError) as error:
+        print(f"warning: {target}: no empty mask written ({error})", file=sys.stderr)
+        return
+    result.output, result.empty_mask = str(target), True
 
 
 def remove_leftovers(output_dir: Path) -> None:

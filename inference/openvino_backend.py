@@ -30,7 +30,7 @@ import openvino as ov
 import torch
 from torch import nn
 
-from inference.backend_base import IR_FOLDER, Progress, VesselProbability, available_cpus
+from inference.backend_base import IR_FOLDER, Progress, VesselProbability, inference_threads
 from inference.sliding_window import WindowPlan, normalize_in_place
 from inference.thin_conv import with_blocked_spatial_convs
 
@@ -42,8 +42,15 @@ MAX_STREAMS = 4  # each stream holds a window's activations: bound the memory on
 RESIDENT_PATCH_VOXELS = 64**3
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "vessel-seg-cache")
+def cache_dir() -> Path | None:
+    """``$VESSEL_SEG_CACHE``, else ``<tmp>/vessel-seg-cache``; ``None`` when there is no usable
+    temporary folder at all (then nothing is cached)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    try:
+        return Path(tempfile.gettempdir()) / "vessel-seg-cache"
+    except FileNotFoundError:  # no writable TMPDIR, /tmp, /var/tmp or working folder
+        return None
 
 
 def ir_name(fold_hash: str, patch: Sequence[int]) -> str:
@@ -84,19 +91,36 @@ def load_or_convert(
     """The fold's OpenVINO model from a prepared folder or the cache, else converted (and cached
     when the cache folder is writable)."""
     name = ir_name(fold_hash, patch)
-    for folder in [*ir_dirs, cache_dir()]:
+    cache = cache_dir()
+    for folder in [*ir_dirs, *([cache] if cache else [])]:
         if (Path(folder) / name).is_file():
             return read_ir(core, Path(folder) / name, patch)
     # Always the model as read back from an IR file: the file stores fp16 constants, so a
     # freshly converted model would compute slightly differently from every later, cached run.
     model = convert(net, patch)
     try:
-        save_ir(model, cache_dir() / name)
-    except OSError:  # a read-only cache: a private folder for this once
+        if cache is None:
+            raise OSError("no cache folder")
+        save_ir(model, cache / name)
+        return read_ir(core, cache / name, patch)
+    except OSError:  # a missing or read-only cache: a private folder for this once
+        pass
+    try:
         with tempfile.TemporaryDirectory() as folder:
             save_ir(model, Path(folder) / name)
             return read_ir(core, Path(folder) / name, patch)
-    return read_ir(core, cache_dir() / name, patch)
+    except OSError:  # no writable temporary folder either (FileNotFoundError included)
+        return fp16_constants(model)
+
+
+def fp16_constants(model: ov.Model) -> ov.Model:
+    """The freshly converted model with its weights rounded to fp16 as an IR file stores them,
+    for when no folder can be written (the same arithmetic as the cached model: checked in
+    test_inference.py)."""
+    from openvino._offline_transformations import compress_model_transformation
+
+    compress_model_transformation(model)
+    return model
 
 
 def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:
@@ -124,7 +148,7 @@ class OpenVINOBackend:
         threads: int | None = None,
     ):
         self.core = ov.Core()
-        threads = threads or available_cpus()
+        threads = threads or inference_threads()
         self.precision = precision or precision_hint(self.core)
         self.config = {
             "INFERENCE_PRECISION_HINT": self.precision,
@@ -143,13 +167,21 @@ class OpenVINOBackend:
     def compile(self, model: ov.Model) -> ov.CompiledModel:
         return self.core.compile_model(model, "CPU", self.config)
 
-    def compiled_folds(self) -> Iterator[tuple[ov.CompiledModel, int]]:
-        """Each fold compiled, with its optimal number of requests.
+    def compiled_folds(
+        self, folds: Sequence[int] | None = None
+    ) -> Iterator[tuple[ov.CompiledModel, int]]:
+        """Each fold compiled (``folds``: indices, default all), with its optimal number of
+        requests.
 
         Small patches: the folds compiled once, with the backend. Large ones: one fold compiled
         at a time (about 0.2 s each), since five resident folds would cost gigabytes.
         """
-        for compiled in self.resident or map(self.compile, self.models):
+        folds = range(len(self.models)) if folds is None else folds
+        if self.resident:
+            chosen = [self.resident[k] for k in folds]
+        else:
+            chosen = (self.compile(self.models[k]) for k in folds)
+        for compiled in chosen:
             yield compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
             del compiled
 
@@ -159,8 +191,10 @@ class OpenVINOBackend:
         plan: WindowPlan,
         mirrors: Sequence[tuple[int, ...]],
         progress: Progress | None = None,
+        folds: Sequence[int] | None = None,
     ) -> np.ndarray:
         accumulator = np.zeros(volume.shape, dtype=np.float32)
+        count_folds = len(self.models) if folds is None else len(folds)
         importance = plan.importance()
 
         def stitch(request: ov.InferRequest, window, axes) -> None:
@@ -173,7 +207,7 @@ class OpenVINOBackend:
                 progress(1)
 
         jobs = [(window, axes) for window in plan.windows() for axes in mirrors]
-        for compiled, count in self.compiled_folds():
+        for compiled, count in self.compiled_folds(folds):
             # Requests taken in turn, each result stitched here while the others compute: no
             # Python callback runs on OpenVINO's threads, which would need the GIL and could
             # deadlock with a compiled model freed on this thread.
@@ -190,7 +224,7 @@ class OpenVINOBackend:
                 if job is not None:
                     stitch(request, *job)
             del requests, compiled  # a fold compiled here frees its memory before the next one
-        return normalize_in_place(accumulator, plan, len(self.models) * len(mirrors))
+        return normalize_in_place(accumulator, plan, count_folds * len(mirrors))
 
 
 def prepare(weights: Path, output: Path | None = None) -> list[Path]:

@@ -54,6 +54,7 @@ class PredictorSettings:
     postprocess: bool = True
     postprocess_overrides: dict = field(default_factory=dict)
     batch_size: int | None = None
+    deterministic: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Predictor:
             backend=settings.backend,
             ir_dirs=[weights / IR_FOLDER],
             batch_size=settings.batch_size,
+            deterministic=settings.deterministic,
         )
         self._set_up(manifest, folds, backend, settings)
 
@@ -109,6 +111,12 @@ class Predictor:
             manifest.postprocess, **settings.postprocess_overrides
         )
         self.mirrors = mirror_axes(settings.tta)
+        self.active: list[int] | None = None  # indices into ``folds`` to run; None: all
+
+    @property
+    def active_folds(self) -> list[int]:
+        """The folds the next prediction runs (all, unless a time budget dropped some)."""
+        return self.folds if self.active is None else [self.folds[k] for k in self.active]
 
     def check(self, geometry: Geometry, source: str | Path) -> None:
         """Refuse volumes beyond the documented bounds (:data:`MAX_ANISOTROPY`,
@@ -133,7 +141,7 @@ class Predictor:
     def passes(self, geometry: Geometry) -> int:
         """Network passes one volume costs (windows x folds x mirrors), for progress bars."""
         shape = resampled_shape(geometry.shape, geometry.spacing, self.manifest.target_spacing)
-        return len(self.plan(shape)) * len(self.folds) * len(self.mirrors)
+        return len(self.plan(shape)) * len(self.active_folds) * len(self.mirrors)
 
     def model_input(self, array: np.ndarray, geometry: Geometry) -> np.ndarray:
         """Raw volume -> normalised volume on the model's grid (shared preprocessing)."""
@@ -144,7 +152,9 @@ class Predictor:
     ) -> np.ndarray:
         """The ensemble's vessel probability of a model input, float32 on the input grid."""
         padded, crop = pad_to_patch(volume, self.manifest.patch_size)
-        probability = self.backend.predict(padded, self.plan(padded.shape), self.mirrors, progress)
+        probability = self.backend.predict(
+            padded, self.plan(padded.shape), self.mirrors, progress, self.active
+        )
         probability = probability[crop]
         probability = to_input_grid(
             np.ascontiguousarray(probability), geometry, self.manifest.target_spacing

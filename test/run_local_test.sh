@@ -6,14 +6,19 @@
 #   test/run_local_test.sh [--weights DIR] [--expected DIR] [--regenerate] [--emulate]
 #                          [--workdir DIR] [--venv DIR]
 #
-# With a Docker engine (`docker info` answers) it builds the image and runs it with
-#   --network none --cap-drop ALL --security-opt no-new-privileges --memory 16g,
-#   /input read-only, and --gpus all where nvidia-smi works.
+# As the platforms run it (SHINY-ICARUS: 1 GB /dev/shm, no network, read-only /input; Grand
+# Challenge: 16 GiB of memory, an empty /tmp). With a Docker engine (`docker info` answers) it
+# builds the image and runs it with --network none --cap-drop ALL --security-opt
+# no-new-privileges --memory 16g --memory-swap 16g --shm-size 1g --tmpfs /tmp (empty),
+# /input read-only, and --gpus all where nvidia-smi works.
 # Without one (or with --emulate) it reproduces the image's steps: a fresh virtual environment
 # from requirements.txt, the files the Dockerfile COPYs in an app folder made read-only, the
 # OpenVINO preparation step of the build, a non-root user without capabilities or new
 # privileges (setpriv; created with useradd when running as root), no network (unshare -n,
-# as root), a read-only input folder and a writable output folder passed as --input/--output.
+# as root), a read-only input folder (chmod a-w) and a writable output folder passed as
+# --input/--output, an empty private TMPDIR, and 16 GiB of address space (ulimit -v: stricter
+# than a memory limit, which counts resident memory). A 1 GB /dev/shm needs a mount namespace
+# (root tricks): not emulated.
 #
 # Comparison: the same mask files; each mask with the expected geometry and equal voxels, or
 # Dice >= 0.99 (a GPU run and a CPU run differ in floating-point arithmetic, bf16 vs f32, so a
@@ -78,7 +83,8 @@ run_docker() {
     echo "== building $IMAGE"
     docker build --tag "$IMAGE" "$ROOT"
     local options=(--rm --network none --cap-drop ALL --security-opt no-new-privileges
-        --memory 16g --shm-size 1g -v "$INPUT:/input:ro" -v "$OUTPUT:/output")
+        --memory 16g --memory-swap 16g --shm-size 1g --tmpfs /tmp
+        -v "$INPUT:/input:ro" -v "$OUTPUT:/output")
     if nvidia-smi > /dev/null 2>&1; then options+=(--gpus all); fi
     if [[ "$WEIGHTS" != "$ROOT/weights" ]]; then options+=(-v "$WEIGHTS:/opt/app/weights:ro"); fi
     echo "== running $IMAGE"
@@ -141,17 +147,17 @@ run_emulated() {
     copy_app "$app"
     (cd "$app" && "$venv/bin/python" -m inference.openvino_backend weights --if-present > /dev/null)
     chmod -R a+rX,a-w "$app"
-    local cache="$WORKDIR/tmp/vessel-seg-cache"
-    mkdir -p "$cache" && chmod -R 777 "$WORKDIR/tmp"
-    local command=(env -i "PATH=/usr/bin:/bin" "HOME=$WORKDIR/tmp" "TMPDIR=$WORKDIR/tmp"
-        "VESSEL_SEG_CACHE=$cache" "$venv/bin/python" process.py
+    local tmp="$WORKDIR/tmp"  # empty, as Grand Challenge's /tmp; the cache path as the image's
+    rm -rf "$tmp" && mkdir -p "$tmp" && chmod 1777 "$tmp"
+    local command=(env -i "PATH=/usr/bin:/bin" "HOME=$tmp" "TMPDIR=$tmp"
+        "VESSEL_SEG_CACHE=$tmp/vessel-seg-cache" "$venv/bin/python" process.py
         --input "$INPUT" --output "$OUTPUT")
     if [[ $(id -u) -eq 0 ]]; then
         command=("${AS_USER[@]}" "${command[@]}")
         if unshare --net true 2> /dev/null; then command=(unshare --net "${command[@]}"); fi
     fi
     echo "== running process.py as $(if [[ $(id -u) -eq 0 ]]; then echo "$USER_NAME"; else id -un; fi)"
-    (cd "$app" && "${command[@]}")
+    (cd "$app" && ulimit -v $((16 * 1024 * 1024)) && "${command[@]}")
     PYTHON="$venv/bin/python"
 }
 

@@ -107,7 +107,7 @@ def test_stitching_is_exact_for_a_known_network(backend, monkeypatch):
 def test_torch_backend_leaves_the_process_settings_as_it_found_them(monkeypatch):
     """Threads and cuDNN autotuning are the backend's only while it runs (nnU-Net restores
     the thread count too): a training loop or a test in the same process keeps its own."""
-    monkeypatch.setattr(torch_backend, "available_cpus", lambda: 1)
+    monkeypatch.setattr(torch_backend, "inference_threads", lambda: 1)
     before = torch.get_num_threads()
     runner = TorchBackend([SigmoidOfInput()], "cpu", PATCH)
     seen = []
@@ -320,3 +320,28 @@ def test_the_exported_network_keeps_its_output():
     with torch.no_grad():
         torch.testing.assert_close(blocked(x), net(x), atol=1e-4, rtol=1e-4)
     assert type(net.decoders[-1].attention.spatial.conv) is torch.nn.Conv3d  # the original stays
+
+
+class DoubledInput(torch.nn.Module):
+    """Vessel probability sigmoid(2 x input): a second fold that differs from the first."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.zeros_like(x), 2 * x], dim=1)
+
+
+@pytest.mark.parametrize("backend", ["torch", "openvino", "openvino-compiled-per-case"])
+def test_a_fold_subset_averages_only_those_folds(backend, monkeypatch):
+    """What a time budget runs when it drops folds: ``predict(..., folds=[1])``."""
+    volume = np.random.default_rng(1).normal(0, 2, (40, 36, 34)).astype(np.float32)
+    plan = WindowPlan.create(volume.shape, PATCH, 0.5)
+    nets = [SigmoidOfInput(), DoubledInput()]
+    if backend == "torch":
+        runner = TorchBackend(nets, "cpu", PATCH)
+    else:
+        resident = backend == "openvino"
+        monkeypatch.setattr(openvino_backend, "RESIDENT_PATCH_VOXELS", 64**3 if resident else 0)
+        runner = OpenVINOBackend(nets, ["subset-a", "subset-b"], PATCH, precision="f32")
+    counted = []
+    probability = runner.predict(volume, plan, [()], counted.append, folds=[1])
+    np.testing.assert_allclose(probability, 1 / (1 + np.exp(-2 * volume)), atol=1e-5)
+    assert sum(counted) == len(plan)

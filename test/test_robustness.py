@@ -455,8 +455,8 @@ def test_a_time_limit_drops_tta_and_the_report_says_so(tmp_path, weights, capsys
     monkeypatch.setenv("VESSEL_SEG_TIME_LIMIT", "0.001")
     assert run(inputs, outputs, weights, "--tta") == 0
     case = entries(outputs)["case_0000.nii.gz"]
-    assert case["tta"] is False and case["passes"] == 2  # one window, two folds, no mirrors
-    assert "TTA dropped" in capsys.readouterr().err
+    assert case["tta"] is False and case["passes"] == 1  # one window, then folds dropped too
+    assert case["folds"] == [0] and "TTA dropped" in capsys.readouterr().err
 
 
 def test_an_mra_is_bounded_from_its_header_and_estimated_before_it_runs(tmp_path, capsys):
