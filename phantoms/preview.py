@@ -110,7 +110,7 @@ def mip_panel(image_path: Path, masks: list[tuple[str, Path]], png_path: Path) -
     volume = sitk.GetArrayViewFromImage(image)
     rows = []
     for title, path in masks:
-        mask = sitk.GetArrayViewFromImage(sitk.ReadImage(str(path)))
+        mask = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
         row = render_preview(volume, image.GetSpacing(), mask, auto_scale(volume.shape))
         ImageDraw.Draw(row).text((3, row.height - 14), title, fill=(255, 255, 0))
         rows.append(row)

@@ -10,8 +10,9 @@ draws, independently:
   a Circle-of-Willis-like ring with branches, stenoses and fusiform dilations, saccular
   aneurysms; a field of view that cuts them into several true components;
 * the structures around them, each with its own random intensity, which may be brighter
-  than, equal to or darker than the vessels: the reference skull base and calvarium, thin
-  curved bone shells, plates, skull-base-like blobs, bright spots (calcifications, coils);
+  than, equal to or darker than the vessels: the reference skull base and calvarium, thin or
+  thick curved bone shells and plates, skull-base-like blobs, bright spots (calcifications,
+  coils);
   air cells; a background of smooth textures at several scales and Voronoi cells, inverted
   with probability 0.3;
 * the imaging: vessels painted over or added to what lies beneath, an (an)isotropic Gaussian
@@ -21,7 +22,8 @@ draws, independently:
 
 Intensities are drawn on a unit scale (tissue 0.2-0.6, vessel contrast 0.15-1.2 above it), so
 that the vessels are sometimes barely above tissue and no global threshold segments them.
-The label is the lumen: every 26-connected piece the field of view leaves.
+The label is the lumen: every 26-connected piece the field of view leaves. A share of the
+cases (:data:`REFERENCE_SHARE`) keeps the site's fixed reference look instead.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ from phantoms.anatomy import (
     make_anatomy,
     skull_base_slab,
 )
-from phantoms.generator import Phantom, check_shape, random_geometry
+from phantoms.generator import Phantom, check_shape, generate_volume, random_geometry
 from phantoms.imaging import make_streaks
 from phantoms.profiles import DEFAULT_PROFILE, SiteProfile
 from phantoms.raster import rasterise_tree
 from phantoms.tree import KIND_ANEURYSM, MIN_RADIUS_VOXELS, VesselTree, grow_tree
 
 UNIT = np.float32
+REFERENCE_SHARE = 0.3
+"""Cases drawn with the site's fixed reference look (phantoms.generator) instead: vesselFM
+likewise mixes domain-randomised volumes with ones of a realistic look."""
 MAX_VESSEL_FRACTION = 0.03
 """No further tree is added once the lumen fills this fraction of the volume (3DRA: 1-3 %)."""
 
@@ -172,23 +177,32 @@ def _grid(shape: tuple[int, int, int]) -> list[np.ndarray]:
     return [g.astype(UNIT) for g in np.ogrid[: shape[0], : shape[1], : shape[2]]]
 
 
+def _half_thickness(shape, rng: np.random.Generator) -> float:
+    """Half the thickness of a shell or plate (voxels): thin (1-4 voxels, a sinus wall, a
+    thin calvarium) or thick (up to a third of the volume, a thick calvarium or skull base)
+    with equal probability: large homogeneous bright regions must not pass for vessels."""
+    if rng.random() < 0.5:
+        return rng.uniform(0.5, 2.0)
+    return rng.uniform(2.0, max(2.5, min(shape) / 6))
+
+
 def _shell(shape, rng) -> np.ndarray:
-    """A thin curved bone shell: part of an ellipsoid surface, 1-4 voxels thick, cut by a
-    random plane (a calvarium over the brain, a sinus wall)."""
+    """A curved bone shell, thin or thick: part of an ellipsoid surface cut by a random plane
+    (a calvarium over the brain, a sinus wall)."""
     n = np.asarray(shape, dtype=float)
     centre = n * rng.uniform(-0.2, 1.2, 3)
     axes = n.min() * rng.uniform(0.4, 1.2, 3)
     g = _grid(shape)
     q = np.sqrt(sum(((gi - c) / a) ** 2 for gi, c, a in zip(g, centre, axes)))
     distance = (q - 1) * UNIT(axes.min())
-    occupancy = _ramp(UNIT(rng.uniform(0.5, 2.0)) - np.abs(distance))
+    occupancy = _ramp(UNIT(_half_thickness(shape, rng)) - np.abs(distance))
     normal = rng.normal(size=3)
     side = sum(gi * UNIT(v) for gi, v in zip(g, normal)) - UNIT(normal @ (n / 2))
     return occupancy * (side > rng.uniform(-0.3, 0.3) * n.min())
 
 
 def _plate(shape, rng) -> np.ndarray:
-    """A flat or gently curved plate of random orientation, 1.5-8 voxels thick, on a disc."""
+    """A flat or gently curved plate of random orientation, thin or thick, on a disc."""
     n = np.asarray(shape, dtype=float)
     centre = n * rng.uniform(0.1, 0.9, 3)
     normal = rng.normal(size=3)
@@ -200,14 +214,14 @@ def _plate(shape, rng) -> np.ndarray:
     in_plane2 = sum(r * r for r in rel) - height * height
     distance = height + bend * in_plane2
     radius = n.min() * rng.uniform(0.25, 0.7)
-    return _ramp(UNIT(rng.uniform(0.75, 4.0)) - np.abs(distance)) * _ramp(
+    return _ramp(UNIT(_half_thickness(shape, rng)) - np.abs(distance)) * _ramp(
         UNIT(radius) - np.sqrt(np.maximum(in_plane2, 0)))
 
 
 def _blobs(shape, rng) -> np.ndarray:
     """Skull-base-like lumps: the top few per cent of a smooth random field."""
     field = SmoothField(shape, rng.uniform(5, 14), rng).full()
-    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.88, 0.97))
+    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.75, 0.97))
     return np.clip((field - threshold) * UNIT(4.0), 0, 1).astype(UNIT)
 
 
@@ -345,11 +359,14 @@ def generate_randomised(
     """One domain-randomised case (see the module docstring); same seed, same voxels.
 
     ``profile`` sets the site's vessel tree (calibre, branching, tortuosity, aneurysms),
-    which is then jittered; its intensities and imaging settings are not used.
+    which is then jittered; its intensities and imaging settings are used only by the
+    :data:`REFERENCE_SHARE` of cases drawn with the reference look.
     """
     shape = check_shape(tuple(shape))
     if spacing <= 0:
         raise ValueError(f"spacing must be positive, got {spacing}")
+    if np.random.default_rng([seed, 0x5EF]).random() < REFERENCE_SHARE:
+        return generate_volume(shape, seed, spacing, profile, dtype)
     rng = np.random.default_rng(seed)
     vessels = _vessel_profile(profile or DEFAULT_PROFILE, rng)
     bone = vessels.replace(bone_amount=rng.uniform(0.6, 1.5))

@@ -56,9 +56,9 @@ def test_labels_are_vessels_in_every_case(cases) -> None:
 
 
 def test_looks_vary_so_that_only_shape_is_constant(cases) -> None:
-    """The brightest structures away from the vessels (bone) reach the vessels' brightness
-    in some cases and twice it in others, the vessel contrast and the value range vary, and
-    no global threshold segments the vessels in most cases."""
+    """How bright the brightest structures away from the vessels (bone) are, relative to the
+    vessels, varies from case to case, so do the vessel contrast and the value range, and no
+    global threshold segments the vessels in most cases."""
     ratios, contrasts, ranges, best = [], [], [], []
     for case in cases:
         image, label = case.image.astype(float), case.label > 0
@@ -69,7 +69,7 @@ def test_looks_vary_so_that_only_shape_is_constant(cases) -> None:
         contrasts.append(vessel)
         ranges.append(image.max() - image.min())
         best.append(best_threshold_dice(case.image, case.label))
-    assert min(ratios) < 1.05 and max(ratios) > 1.5, ratios
+    assert max(ratios) > 1.5 * min(ratios), ratios
     assert max(contrasts) > 3 * min(contrasts)
     assert max(ranges) > 1.5 * min(ranges)
     assert np.median(best) < 0.6, best

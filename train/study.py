@@ -61,7 +61,7 @@ RESULTS = ROOT / "results"
 FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
 TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
 INDEPENDENT_SET = {"cases": 8, "size": 128, "seed": 4242}
-PILOT_ROUNDS = 14
+PILOT_ROUNDS = 10
 PILOT = (("base-channels", 8), ("patch-size", 64), ("local-epochs", 1),
          ("patience", PILOT_ROUNDS))
 COMMON = {
