@@ -2,7 +2,7 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: venv test lint demo train results pilot local-test sample bench-inference bench-federation bench-phantoms bench-metrics clean export push-shiny
+.PHONY: venv test lint demo train train-deployment gpu-train results pilot local-test sample bench-inference bench-federation bench-training bench-phantoms bench-metrics clean export push-shiny
 
 $(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +22,17 @@ test: lint
 demo: venv
 	$(PYTHON) test/demo.py
 
+# Simulation engine (Ray), submitted with `flwr run`; see README "Train".
 train: venv
 	$(PYTHON) -m train --sites 3 --fold 0
+
+# Deployment engine on localhost: a SuperLink and one SuperNode per site, no Ray.
+train-deployment: venv
+	$(PYTHON) -m train --engine deployment --sites 3 --fold 0 --work work/deployment
+
+# A paper-scale fold on a GPU machine (phantoms made there); results in build/gpu-train.
+gpu-train:
+	bash bench/gpu_train.sh
 
 results: venv
 	$(PYTHON) -m train.study all
@@ -39,6 +48,9 @@ bench-inference: venv
 
 bench-federation: venv
 	$(PYTHON) bench/bench_federation.py
+
+bench-training: venv
+	$(PYTHON) bench/bench_training.py --data work/bench-training
 
 sample: venv
 	$(PYTHON) -m phantoms --out test/sample --cases 1 --size 128 128 128 --seed 2026 --layout challenge --name sample --family reference

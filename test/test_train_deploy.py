@@ -236,3 +236,62 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
     assert provenance["rounds"] == 2 and set(provenance["sites"]) >= {"site1", "site2"}
     net = load_fold(out, manifest, 0)
     assert net.architecture.base_channels == 4
+
+
+# Every Python process of the next test imports this first (PYTHONPATH): Ray is absent there,
+# as in an environment without flwr[simulation] (import fails, find_spec finds nothing).
+RAY_BLOCKER = '''
+import os, sys
+from importlib.machinery import PathFinder
+
+
+class NoRayPathFinder(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] == "ray":
+            with open(os.path.join(os.environ["NO_RAY_LOG"], "ray-imports"), "a") as log:
+                log.write(f"{os.getpid()} {name} {sys.argv[0]}\\n")
+            return None
+        return super().find_spec(name, path, target)
+
+
+sys.meta_path[:] = [NoRayPathFinder if f is PathFinder else f for f in sys.meta_path]
+with open(os.path.join(os.environ["NO_RAY_LOG"], f"process-{os.getpid()}"), "w") as log:
+    log.write(" ".join(sys.argv))
+'''
+
+
+def test_gpu_train_script_trains_on_the_deployment_engine_without_ray(tmp_path):
+    """bench/gpu_train.sh at a CPU size: phantoms, a SuperLink (TLS) and two SuperNodes on
+    localhost, one round, the throughput report; no process can import Ray."""
+    (tmp_path / "no-ray").mkdir()
+    (tmp_path / "no-ray" / "sitecustomize.py").write_text(RAY_BLOCKER)
+    imports = tmp_path / "imports"
+    imports.mkdir()
+    env = {
+        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(tmp_path / "no-ray"), "NO_RAY_LOG": str(imports),
+        "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
+        "SITES": "2", "CASES": "3", "SIZE": "32",
+        "PATCH": "32", "BASE_CHANNELS": "4", "PATCHES_PER_CASE": "2", "ROUNDS": "1",
+        "SITE_GPUS": "", "RUN_CONFIG": 'val-overlap=0.0 precision="fp32"',
+        "OMP_NUM_THREADS": "1", "VESSEL_SEG_LOADER_WORKERS": "1",
+        "VESSEL_SEG_TRAIN_CACHE": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh")], env=env, text=True,
+                          capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "ray installed: False" in done.stdout
+    report = json.loads((tmp_path / "out" / "gpu-train.json").read_text())
+    assert report["exit_status"] == 0 and report["rounds"] == 1
+    assert sorted(report["history"][0]["sites"]) == ["site1", "site2"]
+    assert report["steady_state"]["voxels_per_second"] > 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["engine"] == "deployment" and summary["rounds"] == 1
+    commands = [p.read_text() for p in imports.glob("process-*")]
+    for role in ("flower-superlink", "flower-supernode", "flwr-serverapp", "flwr-clientapp"):
+        assert any(role in command for command in commands), (role, commands)
+    assert not list(tmp_path.glob("work/flwr/deployment-*")), "the run's Flower home is left"
+    # Nothing but the script's own check ("ray installed: False", python -c) looked for Ray.
+    attempts = (imports / "ray-imports").read_text().splitlines()
+    assert all(line.split()[2] == "-c" for line in attempts), attempts

@@ -3,10 +3,11 @@
 The site's dataset is ``node_config["data-path"]`` (``flower-supernode --node-config
 'data-path="/data/vessels"'``); in a simulation, where nodes are numbered, simulated node
 ``partition-id`` reads the ``partition-id``-th site folder (sorted) under ``sim-data-root``.
+Its cases are preprocessed once into the site's cache (``$VESSEL_SEG_TRAIN_CACHE``, see
+:mod:`train.data`) and read patch by patch, by ``$VESSEL_SEG_LOADER_WORKERS`` processes.
 A reply holds only the model's state arrays, scalar metrics (loss, scores, case counts,
 seconds spent) and the site's name and dataset fingerprint (a hash of case names and file
-sizes): no image, label or case name leaves the site.
-"""
+sizes): no image, label or case name leaves the site."""
 
 from __future__ import annotations
 

@@ -1,14 +1,18 @@
 """Run the Flower app on one machine: one simulated SuperNode per site folder.
 
-Flower's simulation engine (``flwr.simulation.run_simulation``, Ray actors) runs the same
-ServerApp and ClientApp as a real federation, in this process: nothing is left running when
-it returns (the Ray cluster it starts is shut down). Each simulated site gets
-``cpus_per_site`` CPUs from Ray; with all CPUs per site the sites train one after the other,
-each on every core, which is fastest for PyTorch on a small machine.
+:func:`simulate` runs the same ServerApp and ClientApp as a real federation on Flower's
+simulation engine, submitted with ``flwr run`` to a SuperLink in simulation mode that it starts
+on a free port and stops afterwards (:mod:`train.deploy.localhost`): nothing is left running
+when it returns. Each simulated site gets ``cpus_per_site`` CPUs from Ray; with all CPUs per
+site the sites train one after the other, each on every core, which is fastest for PyTorch on a
+small machine. Flower's own way, with its managed local SuperLink, is the same app:
+``flwr run . local --federation-config "num-supernodes=3" --run-config 'sim-data-root="DIR"
+wait-for-sites=3'``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -59,24 +63,8 @@ def simulate(
     gpus_per_site: float = 0.0, verbose: bool = False,
 ) -> None:
     """Train ``config`` on ``num_sites`` simulated sites reading ``config.sim_data_root``."""
-    import ray
-    from flwr.simulation import run_simulation
-
-    from train.client_app import build_client_app
-    from train.server_app import build_server_app
+    from train.deploy.localhost import run_simulation
 
     cpus = os.cpu_count() or 1
-    backend = {
-        "client_resources": {"num_cpus": cpus_per_site or cpus, "num_gpus": gpus_per_site},
-        "init_args": {"num_cpus": cpus, "num_gpus": 1 if gpus_per_site else 0},
-    }
-    try:
-        run_simulation(
-            server_app=build_server_app(config.to_run_config()),
-            client_app=build_client_app(config.sim_data_root),
-            num_supernodes=num_sites,
-            backend_config=backend,
-            verbose_logging=verbose,
-        )
-    finally:
-        ray.shutdown()
+    per_site = max(1, math.ceil(cpus_per_site)) if cpus_per_site else cpus
+    run_simulation(config.to_run_config(), num_sites, per_site, gpus_per_site, verbose)

@@ -27,7 +27,7 @@ from model.weights import Manifest
 from train.config import TrainConfig
 from train.data import Case, Site, SiteDataError, vessel_fraction
 from train.loss import positive_weight, vessel_loss
-from train.sampling import epoch_batches
+from train.sampling import epoch_batches, loader_workers
 
 
 @dataclass
@@ -111,7 +111,11 @@ def fit(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> FitResult:
-    """One optimiser step per batch; the forward pass under autocast, the loss in fp32."""
+    """One optimiser step per batch; the forward pass under autocast, the loss in fp32.
+
+    A batch's arrays are used before the next batch is asked for, and not kept: a background
+    loader may reuse their memory (:class:`train.sampling.BackgroundBatches`).
+    """
     net.train()
     start, losses, patches = time.perf_counter(), [], 0
     for images, labels in batches:
@@ -178,15 +182,24 @@ def build_network(config: TrainConfig, state: dict[str, torch.Tensor] | None = N
 
 def train_site(
     net: nn.Module, site: Site, config: TrainConfig, server_round: int,
-    device: torch.device | None = None,
+    device: torch.device | None = None, workers: int | None = None,
 ) -> tuple[FitResult, int]:
     """``local_epochs`` of the paper's training on the site's training cases of the fold.
 
     A fresh Adam (its moments are not carried between rounds: FedAvg averages parameters
     only) and a generator seeded by (seed, fold, round, site) make a round reproducible and
-    resumable. Returns the result and the number of training cases (FedAvg's weight).
+    resumable. Patches are cut and augmented by ``workers`` background processes (default
+    :func:`train.sampling.loader_workers`; 0: in this loop), which changes nothing in what is
+    computed. Returns the result and the number of training cases (FedAvg's weight).
+
+    On a GPU, cuDNN picks its fastest convolution algorithms (``cudnn.benchmark``); those are
+    not bitwise deterministic, so a resumed GPU run matches an uninterrupted one in
+    distribution, not bit for bit as on a CPU.
     """
     device = device or training_device()
+    workers = loader_workers() if workers is None else workers
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     training, _ = site.split(config.fold, config.num_folds)
     rng = seeded_generator(config.seed, config.fold, server_round, site_key(site.name))
     fraction = vessel_fraction(training)
@@ -198,15 +211,14 @@ def train_site(
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     amp_dtype = autocast_dtype(config.precision, device, config.patch_size)
     results = []
+    loss_fn = lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha)  # noqa: E731
     for _ in range(config.local_epochs):
-        batches = epoch_batches(
+        with epoch_batches(
             training, config.patch_shape, config.patches_per_case, config.batch_size, rng,
             config.foreground_fraction, config.augment, config.augment_intensity,
-        )
-        results.append(fit(
-            net, batches, lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha),
-            optimizer, device, amp_dtype,
-        ))
+            workers=workers, copy=False,
+        ) as batches:
+            results.append(fit(net, batches, loss_fn, optimizer, device, amp_dtype))
     steps = sum(r.steps for r in results)
     loss = sum(r.loss * r.steps for r in results) / max(steps, 1)
     total = FitResult(loss, steps, sum(r.patches for r in results), sum(r.seconds for r in results))

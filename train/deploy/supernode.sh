@@ -7,6 +7,9 @@
 # SUPERLINK_ADDRESS is host:port; DATA_DIR an nnU-Net raw dataset (imagesTr/, labelsTr/); PORT
 # the local port of the SuperNode's ClientApp API (default 9094, one per SuperNode on a
 # machine); SITE_NAME how the site appears in logs and provenance (default: DATA_DIR's name).
+# The environment reaches the ClientApp: VESSEL_SEG_TRAIN_CACHE (where the site's cases are
+# preprocessed once, default ~/.cache/vessel-seg/train), VESSEL_SEG_LOADER_WORKERS (patch
+# worker processes, default half the CPUs, at most 4), CUDA_VISIBLE_DEVICES (the site's GPU).
 set -euo pipefail
 usage="usage: supernode.sh SUPERLINK_ADDRESS CA_CERT PRIVATE_KEY DATA_DIR [PORT] [SITE_NAME]"
 address=${1:?$usage}
