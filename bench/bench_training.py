@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_site  # noqa: E402
+from train.deploy.localhost import descendants  # noqa: E402
 from train.loss import positive_weight, vessel_loss  # noqa: E402
 from train.sampling import epoch_batches, loader_workers  # noqa: E402
 from train.task import autocast_dtype, build_network, fit, train_site, validate_site  # noqa: E402
@@ -71,22 +72,6 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _tree() -> list[int]:
-        me, children = os.getpid(), {}
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(stat.parent.name))
-        found, stack = [me], [me]
-        while stack:
-            for child in children.get(stack.pop(), []):
-                found.append(child)
-                stack.append(child)
-        return found
-
-    @staticmethod
     def _usage(pid: int) -> tuple[int, int]:
         rss = pss = 0
         try:
@@ -100,7 +85,7 @@ class PeakMemory:
         return rss, pss
 
     def sample(self) -> None:
-        usages = [self._usage(pid) for pid in self._tree()]
+        usages = [self._usage(pid) for pid in (os.getpid(), *descendants(os.getpid()))]
         self.rss = max(self.rss, sum(u[0] for u in usages))
         self.pss = max(self.pss, sum(u[1] for u in usages))
 

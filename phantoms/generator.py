@@ -67,6 +67,19 @@ def check_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
+def check_request(
+    shape: tuple[int, ...], spacing: float, dtype: type[np.integer]
+) -> tuple[int, int, int]:
+    """The shape as three ints, once shape, spacing and 16-bit dtype are valid (ValueError
+    otherwise); shared by every generator of volumes."""
+    shape = check_shape(tuple(shape))
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    if np.dtype(dtype) not in (np.dtype(np.int16), np.dtype(np.uint16)):
+        raise ValueError(f"dtype must be int16 or uint16, got {np.dtype(dtype)}")
+    return shape
+
+
 def random_geometry(
     shape: tuple[int, int, int], spacing: float, rng: np.random.Generator
 ) -> tuple[tuple[float, float, float], tuple[float, ...]]:
@@ -178,11 +191,7 @@ def generate_volume(
     dtype: type[np.integer] = np.int16,
 ) -> Phantom:
     """Generate one phantom as arrays; see :func:`generate_case` for the images."""
-    shape = check_shape(tuple(shape))
-    if spacing <= 0:
-        raise ValueError(f"spacing must be positive, got {spacing}")
-    if np.dtype(dtype) not in (np.dtype(np.int16), np.dtype(np.uint16)):
-        raise ValueError(f"dtype must be int16 or uint16, got {np.dtype(dtype)}")
+    shape = check_request(shape, spacing, dtype)
     profile = profile or DEFAULT_PROFILE
     rng = np.random.default_rng(seed)
     anatomy = make_anatomy(shape, spacing, profile, rng)

@@ -42,7 +42,7 @@ from phantoms.anatomy import (
     make_anatomy,
     skull_base_slab,
 )
-from phantoms.generator import Phantom, check_shape, generate_volume, random_geometry
+from phantoms.generator import Phantom, check_request, generate_volume, random_geometry
 from phantoms.imaging import make_streaks
 from phantoms.profiles import DEFAULT_PROFILE, SiteProfile
 from phantoms.raster import rasterise_tree
@@ -362,9 +362,7 @@ def generate_randomised(
     which is then jittered; its intensities and imaging settings are used only by the
     :data:`REFERENCE_SHARE` of cases drawn with the reference look.
     """
-    shape = check_shape(tuple(shape))
-    if spacing <= 0:
-        raise ValueError(f"spacing must be positive, got {spacing}")
+    shape = check_request(shape, spacing, dtype)
     if np.random.default_rng([seed, 0x5EF]).random() < REFERENCE_SHARE:
         return generate_volume(shape, seed, spacing, profile, dtype)
     rng = np.random.default_rng(seed)

@@ -20,6 +20,7 @@ import pytest
 
 from model.weights import load_fold, load_manifest
 from train.deploy.credentials import make_certificates, make_supernode_key
+from train.deploy.localhost import descendants, terminate
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "train" / "deploy"
@@ -72,55 +73,11 @@ class Processes:
         finally:
             process.wait(10)
             log.close()
-            stop_pids(family)
+            terminate(family)
 
     def stop_all(self) -> None:
         for name in reversed(list(self.started)):
             self.stop(name)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` in the process tree, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, stack = [], [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (a zombie waits for its parent to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def stop_pids(pids: list[int], patience: float = 10) -> None:
-    """SIGTERM, then SIGKILL after ``patience`` seconds, to those of ``pids`` still alive."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-                alive.append(pid)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + patience
-        while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if running(pid)]
-            time.sleep(0.2)
-        pids = alive
-        if not pids:
-            return
 
 
 def group_gone(process: subprocess.Popen, timeout: float) -> bool:

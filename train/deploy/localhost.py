@@ -80,7 +80,8 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie waits for its parent to reap it)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
@@ -99,7 +100,7 @@ def terminate(pids: list[int], patience: float = 10.0) -> None:
                 pass
         deadline = time.monotonic() + patience
         while alive and time.monotonic() < deadline:
-            alive = [pid for pid in alive if _alive(pid)]
+            alive = [pid for pid in alive if running(pid)]
             time.sleep(0.1)
         if not alive:
             return
