@@ -11,17 +11,18 @@ draws, independently:
   aneurysms; a field of view that cuts them into several true components;
 * the structures around them, each with its own random intensity, which may be brighter
   than, equal to or darker than the vessels: the reference skull base and calvarium, thin or
-  thick curved bone shells and plates, skull-base-like blobs, bright spots (calcifications,
-  coils);
-  air cells; a background of smooth textures at several scales and Voronoi cells, inverted
-  with probability 0.3;
+  thick curved bone shells and plates, skull-base-like blobs on one side of the volume, bright
+  spots (calcifications, coils), each kept out of the lumen and, mostly, out of a canal
+  around it; air cells; a background of smooth textures at several scales and Voronoi cells,
+  at a fraction of the vessel contrast, inverted with probability 0.3;
 * the imaging: vessels painted over or added to what lies beneath, an (an)isotropic Gaussian
   point-spread, white or correlated noise with a signal-dependent part, Rician noise, streaks,
   a multiplicative bias field, a gamma, the reconstruction cylinder or sphere filled with a
   constant at the minimum, and a random linear map to 16-bit values.
 
 Intensities are drawn on a unit scale (tissue 0.2-0.6, vessel contrast 0.15-1.2 above it), so
-that the vessels are sometimes barely above tissue and no global threshold segments them.
+that the vessels are sometimes barely above tissue and no global threshold segments them; the
+texture and noise stay below the vessel contrast, so that every labelled vessel is visible.
 The label is the lumen: every 26-connected piece the field of view leaves. A share of the
 cases (:data:`REFERENCE_SHARE`) keeps the site's fixed reference look instead.
 """
@@ -219,10 +220,16 @@ def _plate(shape, rng) -> np.ndarray:
 
 
 def _blobs(shape, rng) -> np.ndarray:
-    """Skull-base-like lumps: the top few per cent of a smooth random field."""
+    """Skull-base-like lumps: the top 1-10 % of a smooth random field, on one side of a
+    random plane (bone sits at the skull base, not everywhere)."""
     field = SmoothField(shape, rng.uniform(5, 14), rng).full()
-    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.75, 0.97))
-    return np.clip((field - threshold) * UNIT(4.0), 0, 1).astype(UNIT)
+    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.9, 0.99))
+    lumps = np.clip((field - threshold) * UNIT(4.0), 0, 1).astype(UNIT)
+    normal = rng.normal(size=3)
+    normal /= np.linalg.norm(normal)
+    n = np.asarray(shape, dtype=float)
+    side = sum(gi * UNIT(v) for gi, v in zip(_grid(shape), normal)) - UNIT(normal @ (n / 2))
+    return lumps * _ramp(side / UNIT(4.0) + UNIT(rng.uniform(-0.3, 0.3) * n.min() / 4.0))
 
 
 def _spots(shape, rng) -> np.ndarray:
@@ -250,25 +257,28 @@ def _reference_skull(anatomy: Anatomy) -> np.ndarray:
     return occupancy
 
 
-def _background(shape, tissue: float, rng: np.random.Generator) -> np.ndarray:
+def _background(shape, tissue: float, contrast: float, rng: np.random.Generator) -> np.ndarray:
     """Tissue level plus smooth textures at one to three scales, Voronoi cells with
-    probability 0.3, the whole texture inverted with probability 0.3."""
+    probability 0.3, the whole texture inverted with probability 0.3. The texture's amplitude
+    is a fraction of the vessel contrast (vesselFM keeps vessels 0.4 of the range away from
+    the background mean): a faint vessel is still above the texture it crosses, so that no
+    label marks a vessel that the image does not show."""
     texture = np.zeros(shape, dtype=UNIT)
     for _ in range(int(rng.integers(1, 4))):
         cell = rng.uniform(2.5, min(shape) / 4)
-        texture += UNIT(rng.uniform(0.0, 0.12)) * SmoothField(shape, cell, rng).full()
+        texture += UNIT(contrast * rng.uniform(0.0, 0.15)) * SmoothField(shape, cell, rng).full()
     if rng.random() < 0.3:
-        texture += _voronoi(shape, rng)
+        texture += _voronoi(shape, contrast * rng.uniform(0.03, 0.15), rng)
     if rng.random() < 0.3:
         texture *= -1
     return texture + UNIT(tissue)
 
 
-def _voronoi(shape, rng: np.random.Generator) -> np.ndarray:
-    """Voronoi polyhedra around 20-80 random seeds, each at its own level (std 0.02-0.1);
+def _voronoi(shape, spread: float, rng: np.random.Generator) -> np.ndarray:
+    """Voronoi polyhedra around 20-80 random seeds, each at its own level (std ``spread``);
     cells are assigned on a half-resolution grid."""
     seeds = np.asarray(shape) * rng.random((int(rng.integers(20, 81)), 3))
-    levels = rng.normal(0, rng.uniform(0.02, 0.1), len(seeds)).astype(UNIT)
+    levels = rng.normal(0, spread, len(seeds)).astype(UNIT)
     half = [np.arange(0, s, 2) + 0.5 for s in shape]
     points = np.stack(np.meshgrid(*half, indexing="ij"), axis=-1).reshape(-1, 3)
     nearest = cKDTree(seeds).query(points)[1].reshape([len(h) for h in half])
@@ -371,14 +381,15 @@ def generate_randomised(
     anatomy = make_anatomy(shape, spacing, bone, rng)
     label, signal, tree = draw_vessels(anatomy, spacing, vessels, rng)
     tissue, contrast = rng.uniform(0.2, 0.6), rng.uniform(0.15, 1.2)
-    image = _background(shape, tissue, rng)
+    image = _background(shape, tissue, contrast, rng)
     grain = SmoothField(shape, max(2.0, 0.6 / spacing), rng).full()
     makers = [_shell, _plate, _blobs, _spots]
     chosen = [m for m in makers if rng.random() < 0.55]
     structures = [_reference_skull(anatomy)] if rng.random() < 0.6 else []
     structures += [maker(shape, rng) for maker in chosen]
+    clearance = _clearance(label, rng)
     for occupancy in structures:
-        _paint(image, occupancy, tissue + contrast * rng.uniform(0.4, 1.8), grain)
+        _paint(image, occupancy * clearance, tissue + contrast * rng.uniform(0.4, 1.8), grain)
     for _ in range(int(rng.integers(0, 4))):  # air cells: dark ellipsoids
         _paint(image, _air_cell(shape, rng), rng.uniform(-0.3, 0.1))
     vessel_level = UNIT(contrast * rng.uniform(0.9, 1.1))
@@ -398,6 +409,16 @@ def generate_randomised(
         tree=tree,
         profile=vessels,
     )
+
+
+def _clearance(label: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where bone may lie: nowhere in the lumen and, in three cases of four, not within a
+    0.5-2.5 voxel canal around it (as the carotid canal holds the artery); else bone touches
+    the vessel wall. A vessel running inside bone of its own brightness would be a label
+    without an image."""
+    margin = 0.0 if rng.random() < 0.25 else rng.uniform(0.5, 2.5)
+    distance = ndimage.distance_transform_edt(~label).astype(UNIT)
+    return _ramp(distance - UNIT(margin + 0.5))
 
 
 def _air_cell(shape, rng: np.random.Generator) -> np.ndarray:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from phantoms import write_dataset
-from phantoms.randomised import MAX_VESSEL_FRACTION, generate_randomised
+from phantoms.randomised import MAX_VESSEL_FRACTION, _blobs, _clearance, generate_randomised
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = range(10)
@@ -93,3 +93,18 @@ def test_family_is_recorded_and_chosen_on_the_command_line(tmp_path: Path) -> No
     assert [p.name for p in images] == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
     label = sitk.ReadImage(str(out / "ground_truth" / "case_000.nii.gz"))
     assert label.GetSize() == (32, 32, 32) and label.GetPixelID() == sitk.sitkUInt8
+
+
+def test_bone_stays_out_of_the_lumen_and_skull_base_lumps_on_one_side() -> None:
+    """A vessel inside bone of its own brightness would be a label the image does not show:
+    the clearance is zero in the lumen and full a few voxels away. Skull-base lumps fill at
+    most a tenth of the volume, on one side of a plane, not the whole field of view."""
+    label = np.zeros((32, 32, 32), dtype=bool)
+    label[14:18, 14:18, :] = True
+    for seed in range(8):
+        clearance = _clearance(label, np.random.default_rng(seed))
+        assert clearance[label].max() == 0
+        assert clearance[~ndimage.binary_dilation(label, iterations=4)].min() == 1
+    for seed in range(4):
+        lumps = _blobs((48, 48, 48), np.random.default_rng(seed))
+        assert (lumps > 0.5).mean() <= 0.1
