@@ -15,6 +15,7 @@ venv: $(VENV)/.installed
 
 lint: venv
 	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 
 test: lint
 	$(PYTHON) -m pytest

@@ -159,9 +159,12 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
     from inference.backend_base import runtime_environment
 
     report.data.update(
-        device=predictor.backend.device, backend=predictor.backend.name, folds=predictor.folds,
+        device=predictor.backend.device,
+        backend=predictor.backend.name,
+        folds=predictor.folds,
         weights={"path": str(args.weights), "source": args.weights_source},
-        deterministic=args.deterministic, environment=runtime_environment(predictor.backend.device),
+        deterministic=args.deterministic,
+        environment=runtime_environment(predictor.backend.device),
     )
     report.write()
     pacer = Pacer(predictor, args.time_limit)

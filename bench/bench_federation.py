@@ -69,13 +69,17 @@ def local_rounds(config: TrainConfig, roots: list[Path], rounds: int) -> dict:
             updates.append({k: v.detach().numpy() for k, v in net.state_dict().items()})
             weights.append(cases / 1.0)
         total = sum(weights)
-        arrays = {k: np.asarray(sum(u[k] * (w / total) for u, w in zip(updates, weights)))
-                  for k in arrays}
+        arrays = {
+            k: np.asarray(sum(u[k] * (w / total) for u, w in zip(updates, weights))) for k in arrays
+        }
         for site in sites:
             validate_site(build_network(config, tensors(arrays)), site, config)
         seconds.append(time.perf_counter() - begin)
-    return {"round_seconds": seconds, "data_seconds": loaded,
-            "wall_seconds": time.perf_counter() - start}
+    return {
+        "round_seconds": seconds,
+        "data_seconds": loaded,
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def site_seconds(record: dict) -> float:
@@ -89,19 +93,28 @@ def flower_rounds(config: TrainConfig, sites: int) -> dict:
     start = time.perf_counter()
     simulate(config, sites)
     state = json.loads((Path(config.run_dir) / f"fold{config.fold}" / "state.json").read_text())
-    return {"round_seconds": [r["seconds"] for r in state["history"]],
-            "site_seconds": [site_seconds(r) for r in state["history"]],
-            "wall_seconds": time.perf_counter() - start}
+    return {
+        "round_seconds": [r["seconds"] for r in state["history"]],
+        "site_seconds": [site_seconds(r) for r in state["history"]],
+        "wall_seconds": time.perf_counter() - start,
+    }
 
 
 def federation_overhead(args, work: Path) -> dict:
     roots = write_dataset(work / "federation", args.cases, (args.size,) * 3, 7, sites=3)
-    config = TrainConfig.from_run_config({
-        "num-rounds": args.rounds, "patience": args.rounds, "patch-size": args.patch,
-        "base-channels": args.base_channels, "precision": args.precision, "wait-for-sites": 3,
-        "run-dir": str(work / "runs"), "out-dir": str(work / "weights"),
-        "sim-data-root": str(roots[0].parent),
-    })
+    config = TrainConfig.from_run_config(
+        {
+            "num-rounds": args.rounds,
+            "patience": args.rounds,
+            "patch-size": args.patch,
+            "base-channels": args.base_channels,
+            "precision": args.precision,
+            "wait-for-sites": 3,
+            "run-dir": str(work / "runs"),
+            "out-dir": str(work / "weights"),
+            "sim-data-root": str(roots[0].parent),
+        }
+    )
     before = local_rounds(config, roots, args.rounds)
     flower = flower_rounds(config, len(roots))
     after = local_rounds(config, roots, args.rounds)
@@ -110,12 +123,27 @@ def federation_overhead(args, work: Path) -> dict:
     federated = statistics.mean(flower["round_seconds"][steady])
     inside = statistics.mean(flower["site_seconds"][steady])
     return {
-        "config": {k: v for k, v in config.to_run_config().items()
-                   if k in ("patch-size", "base-channels", "precision", "local-epochs",
-                            "patches-per-case", "batch-size", "num-rounds")},
-        "sites": 3, "cases_per_site": args.cases, "volume": [args.size] * 3,
-        "baseline_round_seconds": {"before": before["round_seconds"],
-                                   "after": after["round_seconds"]},
+        "config": {
+            k: v
+            for k, v in config.to_run_config().items()
+            if k
+            in (
+                "patch-size",
+                "base-channels",
+                "precision",
+                "local-epochs",
+                "patches-per-case",
+                "batch-size",
+                "num-rounds",
+            )
+        },
+        "sites": 3,
+        "cases_per_site": args.cases,
+        "volume": [args.size] * 3,
+        "baseline_round_seconds": {
+            "before": before["round_seconds"],
+            "after": after["round_seconds"],
+        },
         "flower_round_seconds": flower["round_seconds"],
         "steady_state_baseline_seconds": round(baseline, 3),
         "steady_state_flower_seconds": round(federated, 3),
@@ -123,8 +151,10 @@ def federation_overhead(args, work: Path) -> dict:
         "steady_state_site_seconds": round(inside, 3),
         "overhead_within_run": round(federated / inside - 1.0, 4),
         "target_overhead": 0.15,
-        "wall_seconds": {"baseline_including_data": round(before["wall_seconds"], 2),
-                         "flower_including_ray_start": round(flower["wall_seconds"], 2)},
+        "wall_seconds": {
+            "baseline_including_data": round(before["wall_seconds"], 2),
+            "flower_including_ray_start": round(flower["wall_seconds"], 2),
+        },
     }
 
 
@@ -139,8 +169,11 @@ def seconds_per_step(case_root: Path, patch: int, precision: str, steps: int) ->
     weight = positive_weight(0.02)
     net = build_network(config)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    batches = list(epoch_batches(cases, config.patch_shape, (steps + 1) * 2, 2,
-                                 np.random.default_rng(0), 0.33, True))[: steps + 1]
+    batches = list(
+        epoch_batches(
+            cases, config.patch_shape, (steps + 1) * 2, 2, np.random.default_rng(0), 0.33, True
+        )
+    )[: steps + 1]
     loss = lambda logits, y: vessel_loss(logits, y, weight)  # noqa: E731
     amp = autocast_dtype(precision, device, patch)
     fit(net, batches[:1], loss, optimizer, device, amp)
@@ -152,16 +185,21 @@ def step_times(args, work: Path) -> dict:
     root = write_dataset(work / "steps", 1, (max(args.step_patches) + 32,) * 3, 3)[0]
     times = {}
     for patch in args.step_patches:
-        times[str(patch)] = {p: seconds_per_step(root, patch, p, args.steps)
-                             for p in ("fp32", "bf16")}
-    return {"network": "full width (base_channels 16, HSCA, MSFE), batch 2",
-            "seconds_per_step": times, "threads": torch.get_num_threads(),
-            "bf16_native": cpu_supports_bf16()}
+        times[str(patch)] = {
+            p: seconds_per_step(root, patch, p, args.steps) for p in ("fp32", "bf16")
+        }
+    return {
+        "network": "full width (base_channels 16, HSCA, MSFE), batch 2",
+        "seconds_per_step": times,
+        "threads": torch.get_num_threads(),
+        "bf16_native": cpu_supports_bf16(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", type=int, default=5, help="cases per site (4 train, 1 val)")
     parser.add_argument("--size", type=int, default=64, help="phantom edge length")
@@ -178,8 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_federation_") as folder:
         work = Path(folder)
         prepare_environment(work)
-        report = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                              "torch": torch.__version__, "python": sys.version.split()[0]}}
+        report = {
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.processor(),
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+            }
+        }
         if not args.skip_federation:
             report["federation"] = federation_overhead(args, work)
         if args.step_patches:

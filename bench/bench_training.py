@@ -104,22 +104,42 @@ class PeakMemory:
         self.sample()
 
     def report(self) -> dict:
-        return {"peak_rss_gib": round(self.rss / GIB, 3), "peak_pss_gib": round(self.pss / GIB, 3),
-                "ru_maxrss_gib": round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3)}
+        return {
+            "peak_rss_gib": round(self.rss / GIB, 3),
+            "peak_pss_gib": round(self.pss / GIB, 3),
+            "ru_maxrss_gib": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 3
+            ),
+        }
 
 
 def phantom_site(root: Path, cases: int, shape: tuple[int, int, int]) -> Path:
     """``cases`` phantoms of ``shape`` in ``root`` (``python -m phantoms``), made once."""
     if len(list(root.glob("imagesTr/*_0000.nii.gz"))) < cases:
         shutil.rmtree(root, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "phantoms", "--out", str(root), "--cases",
-                        str(cases), "--size", *map(str, shape), "--seed", "0"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "phantoms",
+                "--out",
+                str(root),
+                "--cases",
+                str(cases),
+                "--size",
+                *map(str, shape),
+                "--seed",
+                "0",
+            ],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     return root
 
 
 # --- 1. steps per second ----------------------------------------------------------------------
+
 
 def timed(batches, device: torch.device, steps: list[dict]):
     """``batches``, recording for each one: ``wall``, the seconds from asking for it to the
@@ -137,22 +157,30 @@ def timed(batches, device: torch.device, steps: list[dict]):
         yield batch
         if device.type == "cuda":
             torch.cuda.synchronize()
-        steps.append({"wall": time.perf_counter() - start, "wait": waited,
-                      "cpu": time.process_time() - cpu})
+        steps.append(
+            {"wall": time.perf_counter() - start, "wait": waited, "cpu": time.process_time() - cpu}
+        )
 
 
-def step_rates(cases: list, patch: int, device: torch.device, steps: int, workers: int,
-               base_channels: int) -> dict:
+def step_rates(
+    cases: list, patch: int, device: torch.device, steps: int, workers: int, base_channels: int
+) -> dict:
     config = TrainConfig(patch_size=patch, base_channels=base_channels)
     amp = autocast_dtype(config.precision, device, patch)
     count = steps + 1  # one warm-up step
     per_case = math.ceil(count * config.batch_size / len(cases))
 
     def plan(seed: int = 0):
-        return dict(cases=cases, patch=config.patch_shape, patches_per_case=per_case,
-                    batch_size=config.batch_size, rng=np.random.default_rng(seed),
-                    foreground_fraction=config.foreground_fraction, augmentation=True,
-                    intensity_augmentation=True)
+        return dict(
+            cases=cases,
+            patch=config.patch_shape,
+            patches_per_case=per_case,
+            batch_size=config.batch_size,
+            rng=np.random.default_rng(seed),
+            foreground_fraction=config.foreground_fraction,
+            augmentation=True,
+            intensity_augmentation=True,
+        )
 
     prepared = list(itertools.islice(epoch_batches(**plan()), count))  # arrays of their own
     weight = positive_weight(0.01)
@@ -167,23 +195,33 @@ def step_rates(cases: list, patch: int, device: torch.device, steps: int, worker
         if mode == "in_memory":
             source = prepared
         else:
-            source = epoch_batches(**plan(), workers=workers if mode == "background" else 0,
-                                   copy=False)
-        fit(net, itertools.islice(timed(source, device, records), count), loss, optimizer,
-            device, amp)
+            source = epoch_batches(
+                **plan(), workers=workers if mode == "background" else 0, copy=False
+            )
+        fit(
+            net,
+            itertools.islice(timed(source, device, records), count),
+            loss,
+            optimizer,
+            device,
+            amp,
+        )
         if hasattr(source, "close"):
             source.close()
         median = {key: statistics.median(r[key] for r in records[1:]) for key in records[0]}
-        results[mode] = {"seconds_per_step": round(median["wall"], 4),
-                         "steps_per_second": round(1 / median["wall"], 3),
-                         "voxels_per_second": round(config.batch_size * patch**3 / median["wall"]),
-                         "wait_seconds_per_step": round(median["wait"], 4),
-                         "cpu_seconds_per_step": round(median["cpu"], 4)}
+        results[mode] = {
+            "seconds_per_step": round(median["wall"], 4),
+            "steps_per_second": round(1 / median["wall"], 3),
+            "voxels_per_second": round(config.batch_size * patch**3 / median["wall"]),
+            "wait_seconds_per_step": round(median["wait"], 4),
+            "cpu_seconds_per_step": round(median["cpu"], 4),
+        }
     for mode in ("synchronous", "background"):
-        for key, name in (("seconds_per_step", "vs_in_memory"),
-                          ("cpu_seconds_per_step", "cpu_vs_in_memory")):
-            results[f"{mode}_{name}"] = round(
-                results[mode][key] / results["in_memory"][key], 3)
+        for key, name in (
+            ("seconds_per_step", "vs_in_memory"),
+            ("cpu_seconds_per_step", "cpu_vs_in_memory"),
+        ):
+            results[f"{mode}_{name}"] = round(results[mode][key] / results["in_memory"][key], 3)
     results["precision"] = str(amp).replace("torch.", "") if amp else "fp32"
     return results
 
@@ -192,42 +230,63 @@ def steps_benchmark(args, cases: list) -> dict:
     devices = [] if args.device == "cuda" else ["cpu"]
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append("cuda")
-    report = {"batch_size": 2, "base_channels": args.base_channels, "workers": args.workers,
-              "cases": [list(c.shape) for c in cases], "threads": torch.get_num_threads()}
+    report = {
+        "batch_size": 2,
+        "base_channels": args.base_channels,
+        "workers": args.workers,
+        "cases": [list(c.shape) for c in cases],
+        "threads": torch.get_num_threads(),
+    }
     for device in map(torch.device, devices):
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         steps = args.steps if device.type == "cpu" else args.cuda_steps
-        report[device.type] = {str(p): step_rates(cases, p, device, steps, args.workers,
-                                                  args.base_channels) for p in args.patches}
+        report[device.type] = {
+            str(p): step_rates(cases, p, device, steps, args.workers, args.base_channels)
+            for p in args.patches
+        }
         if device.type == "cuda":
             report[device.type]["name"] = torch.cuda.get_device_name()
             report[device.type]["peak_memory_gib"] = round(
-                torch.cuda.max_memory_allocated() / GIB, 2)
+                torch.cuda.max_memory_allocated() / GIB, 2
+            )
     return report
 
 
 # --- 2. peak memory of a site ------------------------------------------------------------------
+
 
 def memory_child(args) -> dict:
     """One way of training a round of the site at ``args.data`` (run in its own process)."""
     config = TrainConfig(patch_size=args.memory_patch, base_channels=16, num_folds=5)
     start = time.perf_counter()
     with PeakMemory() as memory:
-        site = load_site(args.data, config.spacing, cache_dir=args.cache,
-                         in_memory=args.memory_child == "in_memory")
+        site = load_site(
+            args.data,
+            config.spacing,
+            cache_dir=args.cache,
+            in_memory=args.memory_child == "in_memory",
+        )
         loaded = time.perf_counter()
         net = build_network(config)
         result, cases = train_site(net, site, config, 1, torch.device("cpu"), args.workers)
         trained = time.perf_counter()
-    report = {"load_seconds": round(loaded - start, 1), "train_seconds": round(trained - loaded, 1),
-              "training_cases": cases, "steps": result.steps, **memory.report()}
+    report = {
+        "load_seconds": round(loaded - start, 1),
+        "train_seconds": round(trained - loaded, 1),
+        "training_cases": cases,
+        "steps": result.steps,
+        **memory.report(),
+    }
     if args.validate:
         with PeakMemory() as validation:
             scores, count = validate_site(net, site, config, torch.device("cpu"))
-        report["validation"] = {"cases": count, "dice": round(scores["dice"], 4),
-                                "seconds": round(time.perf_counter() - trained, 1),
-                                **validation.report()}
+        report["validation"] = {
+            "cases": count,
+            "dice": round(scores["dice"], 4),
+            "seconds": round(time.perf_counter() - trained, 1),
+            **validation.report(),
+        }
     return report
 
 
@@ -237,9 +296,20 @@ def memory_benchmark(args, data: Path, work: Path) -> dict:
     runs = {}
     ways = ["in_memory", "cached_cold", "cached_warm"]
     for way in ways:
-        command = [sys.executable, __file__, "--memory-child", way, "--data", str(data),
-                   "--cache", str(cache), "--memory-patch", str(args.memory_patch),
-                   "--workers", str(args.workers)]
+        command = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            way,
+            "--data",
+            str(data),
+            "--cache",
+            str(cache),
+            "--memory-patch",
+            str(args.memory_patch),
+            "--workers",
+            str(args.workers),
+        ]
         if args.threads:
             command += ["--threads", str(args.threads)]
         if args.validate and way == "cached_warm":
@@ -250,40 +320,76 @@ def memory_benchmark(args, data: Path, work: Path) -> dict:
             continue
         runs[way] = json.loads(done.stdout)
     cached = sum(f.stat().st_size for f in cache.rglob("*.npy")) if cache.exists() else 0
-    report = {"cases": args.cases, "shape": list(args.shape), "patch": args.memory_patch,
-              "network": "full width (base_channels 16)", "workers": args.workers,
-              "cache_gib": round(cached / GIB, 2), **runs, "target_gib": 4.0}
+    report = {
+        "cases": args.cases,
+        "shape": list(args.shape),
+        "patch": args.memory_patch,
+        "network": "full width (base_channels 16)",
+        "workers": args.workers,
+        "cache_gib": round(cached / GIB, 2),
+        **runs,
+        "target_gib": 4.0,
+    }
     if all("peak_pss_gib" in runs[w] for w in ("in_memory", "cached_warm")):
         report["cached_warm_vs_in_memory_pss"] = round(
-            runs["cached_warm"]["peak_pss_gib"] / runs["in_memory"]["peak_pss_gib"], 3)
+            runs["cached_warm"]["peak_pss_gib"] / runs["in_memory"]["peak_pss_gib"], 3
+        )
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda", "all"), default="all",
-                        help="where to time steps (all: the CPU, and CUDA when present)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "all"),
+        default="all",
+        help="where to time steps (all: the CPU, and CUDA when present)",
+    )
     parser.add_argument("--patches", type=int, nargs="+", default=[64, 96, 128, 160])
     parser.add_argument("--steps", type=int, default=4, help="timed CPU steps per way")
     parser.add_argument("--cuda-steps", type=int, default=20, help="timed CUDA steps per way")
     parser.add_argument("--base-channels", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=loader_workers(),
-                        help="background patch workers (default: as training)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=loader_workers(),
+        help="background patch workers (default: as training)",
+    )
     parser.add_argument("--cases", type=int, default=12, help="cases of the site (12)")
-    parser.add_argument("--shape", type=int, nargs=3, default=(400, 512, 512),
-                        metavar=("Z", "Y", "X"), help="their size (default 400 512 512)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(400, 512, 512),
+        metavar=("Z", "Y", "X"),
+        help="their size (default 400 512 512)",
+    )
     parser.add_argument("--memory-patch", type=int, default=64)
-    parser.add_argument("--data", type=Path, help="where the 512x512x400 phantoms are kept "
-                        "(default: a temporary folder; made when absent)")
-    parser.add_argument("--validate", action="store_true",
-                        help="also validate the held-out cases in the warm-cache round")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="where the 512x512x400 phantoms are kept "
+        "(default: a temporary folder; made when absent)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="also validate the held-out cases in the warm-cache round",
+    )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-steps", action="store_true")
-    parser.add_argument("--quick", action="store_true",
-                        help="64^3 and 96^3, 2 steps; 4 cases of 256x256x200 for memory")
-    parser.add_argument("--threads", type=int,
-                        help="torch CPU threads (default: torch's; 1 on a machine that is busy)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="64^3 and 96^3, 2 steps; 4 cases of 256x256x200 for memory",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's; 1 on a machine that is busy)",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -295,10 +401,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.patches, args.steps, args.cuda_steps, args.cases = [64, 96], 2, 5, 4
         args.shape = (200, 256, 256)
-    report = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
-                          "torch": torch.__version__, "python": sys.version.split()[0],
-                          "cuda": torch.cuda.get_device_name() if torch.cuda.is_available()
-                          else None}}
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        }
+    }
     with tempfile.TemporaryDirectory(prefix="bench_training_") as folder:
         work = Path(folder)
         data = args.data or work / "clinical"

@@ -223,8 +223,9 @@ class Pacer:
                 f"exceeds the time limit of {limit:g} s: {keep} of {folds} folds run",
                 file=sys.stderr,
             )
-            predictor.active = list(range(keep)) if predictor.active is None else (
-                predictor.active[:keep])
+            predictor.active = (
+                list(range(keep)) if predictor.active is None else (predictor.active[:keep])
+            )
             folds = keep
         result.windows, result.passes = windows, windows * folds * mirrors
         result.estimated_seconds = round(result.passes * self.seconds_per_pass, 3)
@@ -369,8 +370,11 @@ def run_case(
         result.seconds = round(time.perf_counter() - start, 3)
         if result.status != "ok" and not case.keep_target:
             remove_stale(case.target, probability_target)
-    if result.status != "ok" and headers and not case.keep_target and not isinstance(
-        failure, WriteError
+    if (
+        result.status != "ok"
+        and headers
+        and not case.keep_target
+        and not isinstance(failure, WriteError)
     ):  # a write that failed would fail again
         write_empty_mask(headers[0], case.target, result)
     return result

@@ -341,5 +341,3 @@ def itk_name(path: Path) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(alias)
             os.rmdir(folder)
-
-

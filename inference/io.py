@@ -41,7 +41,6 @@ class Interrupted(BaseException):
         self.result = None  # the report entry of the case it stopped, when there was one
 
 
-
 # --- writing: atomic, verified, never interrupted half-way ----------------------------------
 
 _deferred = {"depth": 0, "signum": None}  # signal handlers run in the main thread only

@@ -91,8 +91,12 @@ class Predictor:
 
     @classmethod
     def from_networks(
-        cls, nets: Sequence[nn.Module], manifest: Manifest, settings: PredictorSettings,
-        device: str, autocast: torch.dtype | None = None,
+        cls,
+        nets: Sequence[nn.Module],
+        manifest: Manifest,
+        settings: PredictorSettings,
+        device: str,
+        autocast: torch.dtype | None = None,
     ) -> Predictor:
         """A predictor for networks in memory on the torch backend (``autocast``: e.g. bf16
         where the CPU has it, as training uses)."""

@@ -26,7 +26,9 @@ from inference.file_checks import (
 
 SPACING_TOLERANCE = 0.01  # relative: closer spacings are not worth an interpolation
 DEFAULT_NORMALIZATION = {
-    "scheme": "percentile", "lower_percentile": 50.0, "upper_percentile": 99.5,
+    "scheme": "percentile",
+    "lower_percentile": 50.0,
+    "upper_percentile": 99.5,
     "exclude_fill": True,
 }
 # Bounds checked on the header, before any voxel is read: a 2^29-voxel input (1024x1024x512)

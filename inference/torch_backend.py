@@ -34,13 +34,14 @@ CUDA_BATCH_VOXELS = 2 * 128**3
 def cuda_autocast_dtype() -> torch.dtype:
     """bf16 where the GPU computes it natively (compute capability 8.0+), else fp16: torch's
     ``is_bf16_supported()`` also says yes on a T4 (7.5), through slow emulation."""
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else (
-        torch.float16)
+    return (
+        torch.bfloat16
+        if torch.cuda.is_bf16_supported(including_emulation=False)
+        else (torch.float16)
+    )
 
 
-def in_order(
-    pool: ThreadPoolExecutor, function: Callable, items: Sequence, ahead: int
-) -> Iterator:
+def in_order(pool: ThreadPoolExecutor, function: Callable, items: Sequence, ahead: int) -> Iterator:
     """``map(function, items)`` on ``pool``, results in order, at most ``ahead`` pending (memory
     stays bounded whatever the consumer's pace); pending work is cancelled on an exception."""
     pending: deque[Future] = deque()
@@ -112,8 +113,12 @@ class TorchBackend:
         kernels) or deterministic algorithms, restored afterwards so that the caller's process
         is left as it was."""
         cudnn = torch.backends.cudnn
-        saved = (torch.get_num_threads(), cudnn.benchmark, cudnn.deterministic,
-                 torch.are_deterministic_algorithms_enabled())
+        saved = (
+            torch.get_num_threads(),
+            cudnn.benchmark,
+            cudnn.deterministic,
+            torch.are_deterministic_algorithms_enabled(),
+        )
         if self.threads:  # on the CPU: one thread per window, windows in parallel
             torch.set_num_threads(1)
         cuda = self.torch_device.type == "cuda"
@@ -196,8 +201,11 @@ class TorchBackend:
 
         workers = self.threads or 1  # CUDA: this thread only
         with ThreadPoolExecutor(workers) as pool:
-            results = (in_order(pool, weighted, batches, ahead=2 * workers) if workers > 1
-                       else map(weighted, batches))
+            results = (
+                in_order(pool, weighted, batches, ahead=2 * workers)
+                if workers > 1
+                else map(weighted, batches)
+            )
             for batch_windows, total in zip(batches, results):  # stitched in window order
                 for window, probability in zip(batch_windows, total):
                     accumulator[window] += probability

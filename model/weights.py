@@ -130,8 +130,10 @@ def save_fold(net: VesselUNet, path: str | Path, fold: int) -> FoldEntry:
     for name, tensor in tensors.items():
         # fp16 tops out at 65504: a diverged model would otherwise ship as silent inf/NaN.
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise WeightError(f"{path}: tensor {name!r} is not finite in fp16 (diverged model or "
-                              "values beyond 65504); nothing written")
+            raise WeightError(
+                f"{path}: tensor {name!r} is not finite in fp16 (diverged model or "
+                "values beyond 65504); nothing written"
+            )
     metadata = {"architecture": json.dumps(net.architecture.to_dict(), sort_keys=True)}
     data = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
     write_atomically(path, data)

@@ -59,6 +59,7 @@ MAX_VESSEL_FRACTION = 0.03
 
 # -- vessels ------------------------------------------------------------------------------
 
+
 def _vessel_profile(profile: SiteProfile, rng: np.random.Generator) -> SiteProfile:
     """The site's vessel settings, each scaled by a random factor (sites stay non-IID)."""
     low, high = profile.length_factor
@@ -106,8 +107,10 @@ def _ring(shape: tuple[int, int, int], spacing: float, rng: np.random.Generator)
     radius = max(MIN_RADIUS_VOXELS, min(rng.uniform(0.35, 1.1) / spacing, 0.05 * n))
     theta = np.linspace(0, 2 * np.pi, 49)
     wobble = 1 + 0.12 * np.sin(3 * theta + rng.uniform(0, 2 * np.pi))
-    ring = centre + (np.outer(axes[0] * np.cos(theta) * wobble, basis[0])
-                     + np.outer(axes[1] * np.sin(theta) * wobble, basis[1]))
+    ring = centre + (
+        np.outer(axes[0] * np.cos(theta) * wobble, basis[0])
+        + np.outer(axes[1] * np.sin(theta) * wobble, basis[1])
+    )
     starts, ends, r0, r1 = [ring[:-1]], [ring[1:]], [np.full(48, radius)], [np.full(48, radius)]
     for k in rng.choice(48, size=int(rng.integers(2, 6)), replace=False):
         out = ring[k] - centre
@@ -120,9 +123,12 @@ def _ring(shape: tuple[int, int, int], spacing: float, rng: np.random.Generator)
         r1.append([max(MIN_RADIUS_VOXELS, 0.5 * radius)])
     count = sum(len(r) for r in r0)
     return VesselTree(
-        starts=np.concatenate(starts), ends=np.concatenate(ends),
-        r_start=np.concatenate(r0).astype(np.float64), r_end=np.concatenate(r1).astype(np.float64),
-        contrast=rng.uniform(0.8, 1.1, count), kind=np.zeros(count, dtype=np.int8),
+        starts=np.concatenate(starts),
+        ends=np.concatenate(ends),
+        r_start=np.concatenate(r0).astype(np.float64),
+        r_end=np.concatenate(r1).astype(np.float64),
+        contrast=rng.uniform(0.8, 1.1, count),
+        kind=np.zeros(count, dtype=np.int8),
     )
 
 
@@ -170,6 +176,7 @@ def draw_vessels(
 
 # -- structures around the vessels --------------------------------------------------------
 
+
 def _ramp(x: np.ndarray) -> np.ndarray:
     return np.clip(x + 0.5, 0.0, 1.0).astype(UNIT)
 
@@ -216,14 +223,15 @@ def _plate(shape, rng) -> np.ndarray:
     distance = height + bend * in_plane2
     radius = n.min() * rng.uniform(0.25, 0.7)
     return _ramp(UNIT(_half_thickness(shape, rng)) - np.abs(distance)) * _ramp(
-        UNIT(radius) - np.sqrt(np.maximum(in_plane2, 0)))
+        UNIT(radius) - np.sqrt(np.maximum(in_plane2, 0))
+    )
 
 
 def _blobs(shape, rng) -> np.ndarray:
     """Skull-base-like lumps: the top 1-10 % of a smooth random field, on one side of a
     random plane (bone sits at the skull base, not everywhere)."""
     field = SmoothField(shape, rng.uniform(5, 14), rng).full()
-    threshold = np.quantile(field[:: 4, :: 4, :: 4], rng.uniform(0.9, 0.99))
+    threshold = np.quantile(field[::4, ::4, ::4], rng.uniform(0.9, 0.99))
     lumps = np.clip((field - threshold) * UNIT(4.0), 0, 1).astype(UNIT)
     normal = rng.normal(size=3)
     normal /= np.linalg.norm(normal)
@@ -288,8 +296,10 @@ def _voronoi(shape, spread: float, rng: np.random.Generator) -> np.ndarray:
 
 # -- imaging ------------------------------------------------------------------------------
 
-def _paint(image: np.ndarray, occupancy: np.ndarray, level: float,
-           grain: np.ndarray | None = None) -> None:
+
+def _paint(
+    image: np.ndarray, occupancy: np.ndarray, level: float, grain: np.ndarray | None = None
+) -> None:
     """image <- image (1 - o) + o * level * (1 + 0.15 grain), in place."""
     value = UNIT(level) if grain is None else UNIT(level) * (1 + UNIT(0.15) * grain)
     image += occupancy * (value - image)
@@ -320,8 +330,14 @@ def _field_of_view(shape, rng: np.random.Generator) -> np.ndarray | None:
     return sum(r * r for r in rel) <= UNIT(rng.uniform(0.9, 1.3) ** 2)
 
 
-def _acquire(image: np.ndarray, anatomy: Anatomy, spacing: float, contrast: float,
-             sources: list[np.ndarray], rng: np.random.Generator) -> None:
+def _acquire(
+    image: np.ndarray,
+    anatomy: Anatomy,
+    spacing: float,
+    contrast: float,
+    sources: list[np.ndarray],
+    rng: np.random.Generator,
+) -> None:
     """Point-spread, noise, streaks, bias and gamma, in place on the unit scale."""
     sigma = rng.uniform(0.0, 0.35) / spacing
     sigmas = sigma * (rng.uniform(0.6, 1.4, 3) if rng.random() < 0.3 else np.ones(3))
@@ -344,8 +360,9 @@ def _acquire(image: np.ndarray, anatomy: Anatomy, spacing: float, contrast: floa
         image[:] = scaled ** UNIT(rng.uniform(0.6, 1.6)) * UNIT(high - low) + UNIT(low)
 
 
-def _quantise(image: np.ndarray, fov: np.ndarray | None, rng: np.random.Generator,
-              dtype: type[np.integer]) -> np.ndarray:
+def _quantise(
+    image: np.ndarray, fov: np.ndarray | None, rng: np.random.Generator, dtype: type[np.integer]
+) -> np.ndarray:
     """A random linear map to 16-bit values; outside the field of view, one constant at or
     below the minimum (what a reconstruction writes there)."""
     scale = rng.uniform(400.0, 2500.0)
@@ -404,8 +421,11 @@ def generate_randomised(
         label &= np.broadcast_to(fov, shape)
     origin, direction = random_geometry(shape, spacing, rng)
     return Phantom(
-        image=_quantise(image, fov, rng, dtype), label=label.view(np.uint8),
-        spacing=(spacing,) * 3, origin=origin, direction=direction,
+        image=_quantise(image, fov, rng, dtype),
+        label=label.view(np.uint8),
+        spacing=(spacing,) * 3,
+        origin=origin,
+        direction=direction,
         tree=tree,
         profile=vessels,
     )

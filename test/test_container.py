@@ -43,20 +43,27 @@ def test_the_image_holds_no_test_or_demo_code():
     requirements: no test helper, demo, metrics, phantoms or training code ships."""
     lines = (ROOT / "Dockerfile").read_text().splitlines()
     copied = [ROOT / line.split()[1] for line in lines if line.startswith("COPY ")]
-    files = [f for c in copied for f in ([c] if c.is_file() else c.rglob("*.py"))
-             if f.suffix == ".py"]
+    files = [
+        f for c in copied for f in ([c] if c.is_file() else c.rglob("*.py")) if f.suffix == ".py"
+    ]
     assert len(files) > 10
     shipped = {"model", "inference", "postprocess", "process"}
     forbidden = {"helpers", "demo", "metrics", "phantoms", "train", "test", "bench"}
     for file in files:
         for node in ast.walk(ast.parse(file.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             tops = {name.split(".")[0] for name in names}
             assert not tops & forbidden, f"{file.relative_to(ROOT)} imports {tops & forbidden}"
     assert not {f.stem for f in files} & {"testing", "demo", "helpers"}
     assert shipped >= {f.relative_to(ROOT).parts[0].removesuffix(".py") for f in files} - {
-        "weights"}
+        "weights"
+    }
 
 
 def shared_venv() -> Path:

@@ -56,14 +56,35 @@ NIFTI_FIELDS = {
 METAIMAGE_VALUES = {
     "NDims": (["0", "1", "2", "4", "100", "-1", "x"], False),
     "DimSize": (
-        ["24 24 0", "24 24", "24 24 24 24", "65535 65535 65535", "24 24 25", "24 24 23",
-         "-1 24 24", "x y z", "1e9 1 1", "2 2 2"],
+        [
+            "24 24 0",
+            "24 24",
+            "24 24 24 24",
+            "65535 65535 65535",
+            "24 24 25",
+            "24 24 23",
+            "-1 24 24",
+            "x y z",
+            "1e9 1 1",
+            "2 2 2",
+        ],
         False,
     ),
     "ElementSpacing": (["0 1 1", "nan 1 1", "1e-30 1 1", "-1 1 1", "inf 1 1", "1 1"], True),
     "ElementType": (
-        ["MET_UCHAR", "MET_CHAR", "MET_USHORT", "MET_INT", "MET_FLOAT", "MET_DOUBLE",
-         "MET_LONG_LONG", "MET_NONE", "MET_OTHER", "junk", "MET_FLOAT_ARRAY"],
+        [
+            "MET_UCHAR",
+            "MET_CHAR",
+            "MET_USHORT",
+            "MET_INT",
+            "MET_FLOAT",
+            "MET_DOUBLE",
+            "MET_LONG_LONG",
+            "MET_NONE",
+            "MET_OTHER",
+            "junk",
+            "MET_FLOAT_ARRAY",
+        ],
         False,
     ),
     "CompressedData": (["True", "False", "maybe"], False),
@@ -255,4 +276,3 @@ def segment_and_write(predictor: Predictor, array: np.ndarray, geometry, folder:
     except WriteError as error:
         assert "\n" not in str(error) and "mask.nii.gz" in str(error)
     assert not [p for p in folder.iterdir() if p.name.startswith(".tmp")]
-

@@ -112,8 +112,12 @@ def test_torch_backend_leaves_the_process_settings_as_it_found_them(monkeypatch)
     runner = TorchBackend([SigmoidOfInput()], "cpu", PATCH)
     seen = []
     volume = np.zeros((32, 32, 32), np.float32)
-    runner.predict(volume, WindowPlan.create(volume.shape, PATCH, 0.5), [()],
-                   lambda n: seen.append(torch.get_num_threads()))
+    runner.predict(
+        volume,
+        WindowPlan.create(volume.shape, PATCH, 0.5),
+        [()],
+        lambda n: seen.append(torch.get_num_threads()),
+    )
     assert runner.device == "cpu (1 threads)" and set(seen) == {1}
     assert torch.get_num_threads() == before
     assert torch.backends.cudnn.benchmark is False

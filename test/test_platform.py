@@ -103,8 +103,14 @@ def test_inputs_json_lists_the_inputs_and_a_path_leaving_input_is_refused(tmp_pa
     tube_volume(tmp_path / "outside" / "secret.mha", (20, 24, 28))
     (inputs / "images" / "escape").symlink_to(tmp_path / "outside")
     listing = [
-        {"interface": {"slug": "head-3dra", "relative_path": "images/head-3dra",
-                       "super_kind": "Image"}, "image": {"name": "case.mha"}},
+        {
+            "interface": {
+                "slug": "head-3dra",
+                "relative_path": "images/head-3dra",
+                "super_kind": "Image",
+            },
+            "image": {"name": "case.mha"},
+        },
         {"interface": {"slug": "age", "relative_path": "age.json"}, "value": 61},
         {"interface": {"slug": "up", "relative_path": "../outside"}},
         {"interface": {"slug": "link", "relative_path": "images/escape"}},
@@ -167,8 +173,17 @@ def test_masks_are_bit_identical_across_runs_and_thread_counts(
 ):
     inputs = tmp_path / "in"
     tube_volume(inputs / "case_0000.nii.gz", (44, 40, 32), seed=8)  # 4 windows
-    options = ["--backend", backend, "--device", "cpu", "--no-postprocess", "--save-probabilities",
-               "--folds", "0", "1"]
+    options = [
+        "--backend",
+        backend,
+        "--device",
+        "cpu",
+        "--no-postprocess",
+        "--save-probabilities",
+        "--folds",
+        "0",
+        "1",
+    ]
     runs = {}
     for label, threads in (("all", ""), ("again", ""), ("one", "1")):
         monkeypatch.setenv("VESSEL_SEG_THREADS", threads)
@@ -196,9 +211,7 @@ def test_a_bad_thread_count_is_one_line_and_exit_2(tmp_path, weights, monkeypatc
 # --- 5. the time budget drops TTA, then folds ------------------------------------------------
 
 
-def test_a_time_budget_drops_folds_after_tta_and_the_report_says_which(
-    tmp_path, weights, capsys
-):
+def test_a_time_budget_drops_folds_after_tta_and_the_report_says_which(tmp_path, weights, capsys):
     """One window: 3 folds x 8 mirrors at the torch guess (about 0.0093 s a pass for these
     folds) exceed 0.02 s; without TTA, 3 folds still do, 2 fit. The mask is that of --folds 0 1."""
     inputs = tmp_path / "in"
@@ -234,9 +247,7 @@ def test_results_record_the_device_and_library_versions(tmp_path, weights):
 # --- 7. progress that fits a log ------------------------------------------------------------
 
 
-def test_progress_in_a_log_is_a_line_per_tenth_without_carriage_returns(
-    tmp_path, weights, capsys
-):
+def test_progress_in_a_log_is_a_line_per_tenth_without_carriage_returns(tmp_path, weights, capsys):
     inputs = tmp_path / "in"
     tube_volume(inputs / "a_0000.nii.gz", (64, 64, 64), seed=1)  # 27 windows x 3 folds
     tube_volume(inputs / "b_0000.nii.gz", (20, 24, 28), seed=2)  # 1 window x 3 folds: 1 call
@@ -269,17 +280,29 @@ def test_tenth_lines_count(capsys):
     "target", [["export"], ["push-shiny", "REGISTRY=docker.synapse.org/syn1/vessel-seg:1"]]
 )
 def test_export_without_a_docker_engine_is_one_line_and_non_zero(tmp_path, target):
-    environment = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
-                   "DIST": str(tmp_path / "dist")}
-    done = subprocess.run(["make", "-s", "-C", str(ROOT), *target], capture_output=True,
-                          text=True, env=environment, timeout=60)
+    environment = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{tmp_path}/no-engine.sock",
+        "DIST": str(tmp_path / "dist"),
+    }
+    done = subprocess.run(
+        ["make", "-s", "-C", str(ROOT), *target],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+    )
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if not line.startswith("make")]
     assert len(ours) == 1 and "no Docker engine answers" in ours[0], done.stderr
     assert not (tmp_path / "dist").exists()
     script = ROOT / "submit" / "submit.sh"
-    bare = subprocess.run(["/bin/bash", str(script), target[0], "docker.synapse.org/syn1/x:1"],
-                          capture_output=True, text=True, timeout=60,
-                          env={**environment, "PATH": "/nonexistent"})
+    bare = subprocess.run(
+        ["/bin/bash", str(script), target[0], "docker.synapse.org/syn1/x:1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environment, "PATH": "/nonexistent"},
+    )
     assert bare.returncode == 3 and "no docker command" in bare.stderr
     assert len(bare.stderr.strip().splitlines()) == 1

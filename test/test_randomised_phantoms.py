@@ -85,8 +85,23 @@ def test_family_is_recorded_and_chosen_on_the_command_line(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="family"):
         write_dataset(tmp_path / "x", 1, (32, 32, 32), family="other")
     out = tmp_path / "independent"
-    command = [sys.executable, "-m", "phantoms", "--out", str(out), "--cases", "2", "--size",
-               "32", "32", "32", "--layout", "challenge", "--family", "independent"]
+    command = [
+        sys.executable,
+        "-m",
+        "phantoms",
+        "--out",
+        str(out),
+        "--cases",
+        "2",
+        "--size",
+        "32",
+        "32",
+        "32",
+        "--layout",
+        "challenge",
+        "--family",
+        "independent",
+    ]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     images = sorted((out / "input").iterdir())

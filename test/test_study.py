@@ -32,8 +32,11 @@ def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tmp_path,
     independent = sorted(p.name for p in (data / "independent" / "input").iterdir())
     assert independent == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
     test_meta = json.loads((data / "federation" / "site1" / "dataset.json").read_text())
-    assert test_meta["phantom"]["case_seeds"] == json.loads(
-        (data / "federation-reference" / "site1" / "dataset.json").read_text()
-    )["phantom"]["case_seeds"]
+    assert (
+        test_meta["phantom"]["case_seeds"]
+        == json.loads((data / "federation-reference" / "site1" / "dataset.json").read_text())[
+            "phantom"
+        ]["case_seeds"]
+    )
     study.make_data()  # a second call keeps what is there
     assert sorted(p.name for p in (data / "test" / "input").iterdir()) == test_cases

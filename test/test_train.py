@@ -46,13 +46,22 @@ from train.task import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"patch-size": 32, "base-channels": 4, "patches-per-case": 2, "val-overlap": 0.0,
-        "precision": "fp32"}
+TINY = {
+    "patch-size": 32,
+    "base-channels": 4,
+    "patches-per-case": 2,
+    "val-overlap": 0.0,
+    "precision": "fp32",
+}
 
 
 def tiny_config(tmp_path: Path, **changes) -> TrainConfig:
-    settings = {**TINY, "run-dir": str(tmp_path / "runs"), "out-dir": str(tmp_path / "weights"),
-                **changes}
+    settings = {
+        **TINY,
+        "run-dir": str(tmp_path / "runs"),
+        "out-dir": str(tmp_path / "weights"),
+        **changes,
+    }
     return TrainConfig.from_run_config(settings)
 
 
@@ -66,19 +75,26 @@ def federation(tmp_path_factory) -> list[Path]:
 
 # --- configuration and folds -------------------------------------------------------------
 
+
 def test_pyproject_run_config_matches_the_defaults():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app = pyproject["tool"]["flwr"]["app"]
     assert app["config"] == TrainConfig().to_run_config()
-    assert app["components"] == {"serverapp": "train.server_app:app",
-                                 "clientapp": "train.client_app:app"}
+    assert app["components"] == {
+        "serverapp": "train.server_app:app",
+        "clientapp": "train.client_app:app",
+    }
 
 
 def test_run_config_is_read_and_checked():
     config = TrainConfig.from_run_config({"learning-rate": 1, "augment": "false", "fold": 2.0})
     assert config.learning_rate == 1.0 and config.augment is False and config.fold == 2
-    for bad, message in (({"fold": 5}, "fold 5"), ({"patch-size": 40}, "multiple of 16"),
-                         ({"precision": "fp8"}, "precision"), ({"paatch-size": 32}, "unknown")):
+    for bad, message in (
+        ({"fold": 5}, "fold 5"),
+        ({"patch-size": 40}, "multiple of 16"),
+        ({"precision": "fp8"}, "precision"),
+        ({"paatch-size": 32}, "unknown"),
+    ):
         with pytest.raises(ValueError, match=message):
             TrainConfig.from_run_config(bad)
     assert "run-dir" not in site_config(TrainConfig())
@@ -97,6 +113,7 @@ def test_folds_partition_every_site_into_fifths():
 
 
 # --- loss and patches ---------------------------------------------------------------------
+
 
 def test_loss_is_bce_plus_weighted_bce_plus_dice():
     torch.manual_seed(0)
@@ -217,8 +234,7 @@ def test_validation_segments_exactly_as_the_container(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     sitk.WriteImage(image, str(tmp_path / "in" / "c_0000.nii.gz"))
     sitk.WriteImage(label, str(tmp_path / "c.nii.gz"))
-    case = load_case("c", tmp_path / "in" / "c_0000.nii.gz", tmp_path / "c.nii.gz",
-                     config.spacing)
+    case = load_case("c", tmp_path / "in" / "c_0000.nii.gz", tmp_path / "c.nii.gz", config.spacing)
     torch.manual_seed(3)
     net = build_network(config).eval()
     with torch.no_grad():  # centre the vessel logit: a mask neither empty nor full
@@ -228,9 +244,23 @@ def test_validation_segments_exactly_as_the_container(tmp_path, monkeypatch):
     export_fold({k: v.numpy() for k, v in net.state_dict().items()}, config, weights, {})
     net = load_fold(weights, load_manifest(weights), 0)  # the fp16 weights process.py reads
     monkeypatch.setenv("VESSEL_SEG_CACHE", str(tmp_path / "cache"))
-    status = process.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-                           "--weights", str(weights), "--backend", "torch", "--device", "cpu",
-                           "--overlap", "0.5", "--no-postprocess"])
+    status = process.main(
+        [
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--weights",
+            str(weights),
+            "--backend",
+            "torch",
+            "--device",
+            "cpu",
+            "--overlap",
+            "0.5",
+            "--no-postprocess",
+        ]
+    )
     assert status == 0
     written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "c.nii.gz")))
     validated = predict_mask(validation_predictor(net, config, torch.device("cpu")), case.image)
@@ -239,6 +269,7 @@ def test_validation_segments_exactly_as_the_container(tmp_path, monkeypatch):
 
 
 # --- data ------------------------------------------------------------------------------------
+
 
 def write_case(root: Path, name: str, label_size=(24, 20, 16), spacing=0.454) -> None:
     for folder in ("imagesTr", "labelsTr"):
@@ -276,19 +307,30 @@ def test_bad_site_data_is_named_in_one_line(tmp_path):
 
 # --- FedAvg without poison ----------------------------------------------------------------
 
+
 def message(content: RecordDict, node: int, kind: str = MessageType.TRAIN) -> Message:
-    metadata = Metadata(run_id=1, message_id=f"m{node}", src_node_id=0, dst_node_id=node,
-                        reply_to_message_id="", group_id="1", created_at=time.time(),
-                        ttl=3600.0, message_type=kind)
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m{node}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
     return Message(content=content, metadata=metadata)
 
 
 def reply(node: int, arrays: dict, cases: int, site: str, loss: float = 0.5) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": cases, "train-loss": loss}),
-        "site": ConfigRecord({"name": site}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": cases, "train-loss": loss}),
+            "site": ConfigRecord({"name": site}),
+        }
+    )
     return Message(content, reply_to=message(RecordDict(), node))
 
 
@@ -316,15 +358,23 @@ class Nodes:
 def test_fedavg_weights_by_cases_and_leaves_out_non_finite_updates(caplog, serverapp_identity):
     rng = np.random.default_rng(0)
     shapes = {"w": (3, 4), "b": (4,)}
-    updates = [{k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
-               for _ in range(4)]
+    updates = [
+        {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(4)
+    ]
     updates[3]["w"][1, 2] = np.nan
-    replies = [reply(n + 1, u, cases, f"site{n + 1}")
-               for n, (u, cases) in enumerate(zip(updates, (2, 5, 3, 4)))]
+    replies = [
+        reply(n + 1, u, cases, f"site{n + 1}")
+        for n, (u, cases) in enumerate(zip(updates, (2, 5, 3, 4)))
+    ]
     strategy = RobustFedAvg()
-    list(strategy.configure_train(1, ArrayRecord({k: Array(np.zeros(s, np.float32))
-                                                  for k, s in shapes.items()}),
-                                  ConfigRecord(), Nodes([1, 2, 3, 4, 5])))
+    list(
+        strategy.configure_train(
+            1,
+            ArrayRecord({k: Array(np.zeros(s, np.float32)) for k, s in shapes.items()}),
+            ConfigRecord(),
+            Nodes([1, 2, 3, 4, 5]),
+        )
+    )
     with caplog.at_level(logging.WARNING):
         averaged, metrics = strategy.aggregate_train(1, replies)
     assert "site4" in caplog.text and "non-finite" in caplog.text
@@ -343,17 +393,28 @@ def test_fedavg_weights_by_cases_and_leaves_out_non_finite_updates(caplog, serve
 def test_malformed_updates_are_left_out_too(serverapp_identity):
     good = {"w": np.ones((2, 2), np.float32)}
     strategy = RobustFedAvg()
-    list(strategy.configure_train(1, ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}),
-                                  ConfigRecord(), Nodes([1, 2, 3])))
-    averaged, _ = strategy.aggregate_train(1, [
-        reply(1, good, 2, "a"), reply(2, {"w": np.ones((3, 2), np.float32)}, 2, "b"),
-        reply(3, good, 2, "c", loss=math.inf),
-    ])
+    list(
+        strategy.configure_train(
+            1,
+            ArrayRecord({"w": Array(np.zeros((2, 2), np.float32))}),
+            ConfigRecord(),
+            Nodes([1, 2, 3]),
+        )
+    )
+    averaged, _ = strategy.aggregate_train(
+        1,
+        [
+            reply(1, good, 2, "a"),
+            reply(2, {"w": np.ones((3, 2), np.float32)}, 2, "b"),
+            reply(3, good, 2, "c", loss=math.inf),
+        ],
+    )
     assert set(strategy.left_out) == {"b", "c"}
     assert np.array_equal(averaged["w"].numpy(), good["w"])
 
 
 # --- checkpoints and export -----------------------------------------------------------------
+
 
 def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
     config = tiny_config(tmp_path)
@@ -413,20 +474,30 @@ def test_a_warm_start_begins_from_the_named_model(tmp_path):
 
 # --- what leaves a site ----------------------------------------------------------------------
 
+
 def test_a_site_sends_only_model_arrays_and_scalar_metrics(federation, tmp_path):
     from train.client_app import app
 
     config = tiny_config(tmp_path)
     reference = build_network(config).state_dict()
-    context = Context(run_id=1, node_id=7, node_config={"data-path": str(federation[0])},
-                      state=RecordDict(), run_config={})
-    content = RecordDict({
-        "arrays": ArrayRecord(reference),
-        "config": ConfigRecord({**site_config(config), "server-round": 1}),
-    })
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(federation[0])},
+        state=RecordDict(),
+        run_config={},
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(reference),
+            "config": ConfigRecord({**site_config(config), "server-round": 1}),
+        }
+    )
     names = list(list_cases(federation[0]))
-    images = [sitk.GetArrayFromImage(sitk.ReadImage(str(i))) for i, _ in
-              list_cases(federation[0]).values()]
+    images = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(i)))
+        for i, _ in list_cases(federation[0]).values()
+    ]
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         answer = app(message(content, 7, kind), context)
         assert not answer.has_error()
@@ -445,7 +516,8 @@ def test_a_site_sends_only_model_arrays_and_scalar_metrics(federation, tmp_path)
         arrays = records["arrays"]
         assert set(records.array_records) == {"arrays"}
         assert {k: tuple(v.shape) for k, v in arrays.items()} == {
-            k: tuple(v.shape) for k, v in reference.items()}
+            k: tuple(v.shape) for k, v in reference.items()
+        }
         for value in arrays.values():  # kernels are at most 7^3: no volume hides in them
             assert max(value.numpy().shape[2:], default=0) <= 7
             assert tuple(value.numpy().shape[-3:]) != images[0].shape
@@ -454,14 +526,21 @@ def test_a_site_sends_only_model_arrays_and_scalar_metrics(federation, tmp_path)
 
 # --- the simulated federation ---------------------------------------------------------------
 
+
 def simulate_fold(federation: list[Path], tmp_path: Path, run: str, **changes) -> dict:
     from train.simulation import prepare_environment, simulate
 
     prepare_environment(tmp_path / "work")
-    config = tiny_config(tmp_path, **{
-        "sim-data-root": str(federation[0].parent), "num-rounds": 2,
-        "wait-for-sites": 3, "run-dir": str(tmp_path / run), **changes,
-    })
+    config = tiny_config(
+        tmp_path,
+        **{
+            "sim-data-root": str(federation[0].parent),
+            "num-rounds": 2,
+            "wait-for-sites": 3,
+            "run-dir": str(tmp_path / run),
+            **changes,
+        },
+    )
     simulate(config, len(federation), cpus_per_site=1)
     return json.loads((tmp_path / run / "fold0" / "state.json").read_text())
 
@@ -492,8 +571,21 @@ def test_simulated_federation_trains_resumes_and_is_reproducible(federation, tmp
     from train.__main__ import main
 
     settings = " ".join(f"{k}={v}" for k, v in {**TINY, "num-rounds": 2}.items())
-    assert main(["--data", str(federation[0].parent), "--work", str(tmp_path / "cli"),
-                 "--cpus-per-site", "1", "--run-config", settings]) == 0
+    assert (
+        main(
+            [
+                "--data",
+                str(federation[0].parent),
+                "--work",
+                str(tmp_path / "cli"),
+                "--cpus-per-site",
+                "1",
+                "--run-config",
+                settings,
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site1", "site2", "site3"]
     whole = json.loads((tmp_path / "cli" / "train" / "fold0" / "state.json").read_text())

@@ -32,8 +32,9 @@ def site_root(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("site"), 4, (32, 32, 32), 3, sites=1)[0]
 
 
-def test_cached_cases_equal_preprocessing_in_memory_and_are_made_once(site_root, tmp_path,
-                                                                      monkeypatch):
+def test_cached_cases_equal_preprocessing_in_memory_and_are_made_once(
+    site_root, tmp_path, monkeypatch
+):
     cache = tmp_path / "cache"
     cached = load_site(site_root, SPACING, cache_dir=cache)
     held = load_site(site_root, SPACING, in_memory=True)
@@ -82,8 +83,9 @@ def _no_hashing(sha256):
     return guarded
 
 
-def test_patches_of_cached_cases_own_their_voxels_and_cache_errors_are_one_line(site_root,
-                                                                              tmp_path):
+def test_patches_of_cached_cases_own_their_voxels_and_cache_errors_are_one_line(
+    site_root, tmp_path
+):
     case = next(iter(load_site(site_root, SPACING, cache_dir=tmp_path / "c").cases.values()))
     image, label = sample_patch(case, (16, 16, 16), np.random.default_rng(0), 1.0)
     assert type(image) is np.ndarray and image.base is None and label.base is None
@@ -99,8 +101,9 @@ def test_background_batches_are_those_of_the_training_loop(site_root, tmp_path):
 
     def epoch(workers: int) -> list:
         rng = np.random.default_rng(5)
-        with epoch_batches(cases, (16, 16, 16), 5, 3, rng, 0.5, True, True, workers=workers,
-                           copy=False) as batches:
+        with epoch_batches(
+            cases, (16, 16, 16), 5, 3, rng, 0.5, True, True, workers=workers, copy=False
+        ) as batches:
             return [(images.copy(), labels.copy()) for images, labels in batches]
 
     reference = epoch(0)
@@ -108,8 +111,10 @@ def test_background_batches_are_those_of_the_training_loop(site_root, tmp_path):
     for workers in (1, 3):
         made = epoch(workers)
         assert len(made) == len(reference)
-        assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-                   for a, b in zip(made, reference))
+        assert all(
+            np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+            for a, b in zip(made, reference)
+        )
     assert not multiprocessing.active_children()
 
 
@@ -131,14 +136,20 @@ class Failing(Case):
 
 @pytest.mark.parametrize("kill", [False, True])
 def test_a_failed_or_dead_worker_is_an_error_not_a_hang(kill):
-    case = Failing("c", np.zeros((20, 20, 20), np.float32), np.zeros((20, 20, 20), bool),
-                   np.array([], np.int64))
+    case = Failing(
+        "c",
+        np.zeros((20, 20, 20), np.float32),
+        np.zeros((20, 20, 20), bool),
+        np.array([], np.int64),
+    )
     case.kill = kill
     start = time.monotonic()
     expected = "died before batch 0 of 3: killed by SIGKILL" if kill else "disk gone"
     rng = np.random.default_rng(0)
-    with pytest.raises(LoaderError, match=expected), \
-            epoch_batches([case], (16, 16, 16), 6, 2, rng, 0.3, True, workers=2) as batches:
+    with (
+        pytest.raises(LoaderError, match=expected),
+        epoch_batches([case], (16, 16, 16), 6, 2, rng, 0.3, True, workers=2) as batches,
+    ):
         list(batches)
     assert time.monotonic() - start < 30
     assert not multiprocessing.active_children()
@@ -155,8 +166,9 @@ def one_thread():
 
 def test_a_round_trains_the_same_with_background_workers(site_root, tmp_path, one_thread):
     site = load_site(site_root, SPACING, cache_dir=tmp_path / "c")
-    config = TrainConfig.from_run_config({"patch-size": 32, "base-channels": 4,
-                                          "patches-per-case": 2, "precision": "fp32"})
+    config = TrainConfig.from_run_config(
+        {"patch-size": 32, "base-channels": 4, "patches-per-case": 2, "precision": "fp32"}
+    )
     states = []
     for workers in (0, 2):
         torch.manual_seed(0)

@@ -47,8 +47,12 @@ class Processes:
     def start(self, name: str, *command: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed in stop)
         process = subprocess.Popen(
-            [str(c) for c in command], cwd=ROOT, env=self.env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [str(c) for c in command],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.started[name] = (process, log)
         return process
@@ -96,8 +100,10 @@ def group_gone(process: subprocess.Popen, timeout: float) -> bool:
 @pytest.fixture
 def processes(tmp_path):
     env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "FLWR_HOME": str(tmp_path / "flwr"), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "FLWR_HOME": str(tmp_path / "flwr"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "OMP_NUM_THREADS": "1",  # three sites share two cores
     }
     (tmp_path / "logs").mkdir()
@@ -130,16 +136,22 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
     certs = make_certificates(tmp_path / "certs", ["localhost"])
     keys = {name: make_supernode_key(tmp_path / "keys", name) for name in (*SITES, "rogue")}
     port = free_port()
-    link = processes.start("superlink", "bash", DEPLOY / "superlink.sh", tmp_path / "certs",
-                           tmp_path / "state", port)
-    wait_until(lambda: superlink_healthy(port, certs["ca"]) or link.poll() is not None, 60,
-               "the SuperLink")
+    link = processes.start(
+        "superlink", "bash", DEPLOY / "superlink.sh", tmp_path / "certs", tmp_path / "state", port
+    )
+    wait_until(
+        lambda: superlink_healthy(port, certs["ca"]) or link.poll() is not None, 60, "the SuperLink"
+    )
     assert link.poll() is None, processes.log("superlink")
     with pytest.raises(httpx.ConnectError):  # TLS with our CA only, no plain HTTP
         httpx.get(f"https://127.0.0.1:{port}/health", timeout=2)
 
     run = lambda *command: subprocess.run(  # noqa: E731
-        [str(c) for c in command], cwd=ROOT, env=processes.env, capture_output=True, text=True,
+        [str(c) for c in command],
+        cwd=ROOT,
+        env=processes.env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     done = run("bash", DEPLOY / "connection.sh", "hospitals", f"127.0.0.1:{port}", certs["ca"])
@@ -149,20 +161,37 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
         assert done.returncode == 0 and "registered" in done.stdout, done.stdout + done.stderr
 
     nodes = {
-        site: processes.start(site, "bash", DEPLOY / "supernode.sh", f"127.0.0.1:{port}",
-                              certs["ca"], keys[site][0], path, free_port())
+        site: processes.start(
+            site,
+            "bash",
+            DEPLOY / "supernode.sh",
+            f"127.0.0.1:{port}",
+            certs["ca"],
+            keys[site][0],
+            path,
+            free_port(),
+        )
         for site, path in zip(SITES, data)
     }
-    rogue = processes.start("rogue", "bash", DEPLOY / "supernode.sh", f"127.0.0.1:{port}",
-                            certs["ca"], keys["rogue"][0], data[0], free_port())
+    rogue = processes.start(
+        "rogue",
+        "bash",
+        DEPLOY / "supernode.sh",
+        f"127.0.0.1:{port}",
+        certs["ca"],
+        keys["rogue"][0],
+        data[0],
+        free_port(),
+    )
 
     settings = (
         "num-rounds=2 patch-size=32 base-channels=4 patches-per-case=2 val-overlap=0.0 "
         f'precision="fp32" wait-for-sites=3 round-timeout={ROUND_TIMEOUT}.0'
     )
     runs, out = tmp_path / "runs", tmp_path / "weights"
-    training = processes.start("flwr-run", "bash", DEPLOY / "run.sh", "hospitals", "0", runs, out,
-                               settings)
+    training = processes.start(
+        "flwr-run", "bash", DEPLOY / "run.sh", "hospitals", "0", runs, out, settings
+    )
 
     # Unregistered key: refused. Flower logs its exit code 305 (SUPERNODE_CONNECTION_ERROR);
     # every Flower error code leaves the process with status 1.
@@ -171,8 +200,11 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
 
     # Kill site3 while it trains in round 1 (after all three connected): the round completes
     # with the others once the SuperLink reports it unavailable, and round 2 goes on without it.
-    wait_until(lambda: "Receiving: train message" in processes.log("site3")
-               or training.poll() is not None, 240, "site3 to receive its first round")
+    wait_until(
+        lambda: "Receiving: train message" in processes.log("site3") or training.poll() is not None,
+        240,
+        "site3 to receive its first round",
+    )
     assert training.poll() is None, processes.log("flwr-run")
     processes.stop("site3")
     assert training.wait(ROUND_TIMEOUT * 4) == 0, processes.log("flwr-run")
@@ -184,8 +216,11 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
     answered = set(first["train"]["sites"]) & set(first["validation"]["sites"])
     assert answered == {"site1", "site2"}
     assert first["train"]["failures"] or first["validation"]["failures"]
-    assert sorted(second["train"]["sites"]) == sorted(second["validation"]["sites"]) == [
-        "site1", "site2"]
+    assert (
+        sorted(second["train"]["sites"])
+        == sorted(second["validation"]["sites"])
+        == ["site1", "site2"]
+    )
     assert re.search(r"WARNING.*round 1: ", processes.log("flwr-run"))  # and logged
 
     manifest = load_manifest(out)
@@ -197,7 +232,7 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
 
 # Every Python process of the next test imports this first (PYTHONPATH): Ray is absent there,
 # as in an environment without flwr[simulation] (import fails, find_spec finds nothing).
-RAY_BLOCKER = '''
+RAY_BLOCKER = """
 import os, sys
 from importlib.machinery import PathFinder
 
@@ -215,7 +250,7 @@ class NoRayPathFinder(PathFinder):
 sys.meta_path[:] = [NoRayPathFinder if f is PathFinder else f for f in sys.meta_path]
 with open(os.path.join(os.environ["NO_RAY_LOG"], f"process-{os.getpid()}"), "w") as log:
     log.write(" ".join(sys.argv))
-'''
+"""
 
 
 def test_gpu_train_script_trains_on_the_deployment_engine_without_ray(tmp_path):
@@ -226,17 +261,33 @@ def test_gpu_train_script_trains_on_the_deployment_engine_without_ray(tmp_path):
     imports = tmp_path / "imports"
     imports.mkdir()
     env = {
-        **os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(tmp_path / "no-ray"), "NO_RAY_LOG": str(imports),
-        "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"),
-        "SITES": "2", "CASES": "3", "SIZE": "32",
-        "PATCH": "32", "BASE_CHANNELS": "4", "PATCHES_PER_CASE": "2", "ROUNDS": "1",
-        "SITE_GPUS": "", "RUN_CONFIG": 'val-overlap=0.0 precision="fp32"',
-        "OMP_NUM_THREADS": "1", "VESSEL_SEG_LOADER_WORKERS": "1",
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(tmp_path / "no-ray"),
+        "NO_RAY_LOG": str(imports),
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path / "out"),
+        "WORK": str(tmp_path / "work"),
+        "SITES": "2",
+        "CASES": "3",
+        "SIZE": "32",
+        "PATCH": "32",
+        "BASE_CHANNELS": "4",
+        "PATCHES_PER_CASE": "2",
+        "ROUNDS": "1",
+        "SITE_GPUS": "",
+        "RUN_CONFIG": 'val-overlap=0.0 precision="fp32"',
+        "OMP_NUM_THREADS": "1",
+        "VESSEL_SEG_LOADER_WORKERS": "1",
         "VESSEL_SEG_TRAIN_CACHE": str(tmp_path / "cache"),
     }
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_train.sh")], env=env, text=True,
-                          capture_output=True, timeout=600)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_train.sh")],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "ray installed: False" in done.stdout
     report = json.loads((tmp_path / "out" / "gpu-train.json").read_text())

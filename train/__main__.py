@@ -47,7 +47,11 @@ from train.simulation import (
 
 # Small enough for a 2-core CPU: a few minutes for the whole run.
 SMOKE = {
-    "num-rounds": 8, "patience": 4, "patch-size": 32, "base-channels": 8, "local-epochs": 1,
+    "num-rounds": 8,
+    "patience": 4,
+    "patch-size": 32,
+    "base-channels": 8,
+    "local-epochs": 1,
 }
 
 
@@ -67,39 +71,74 @@ def parse_run_config(text: str) -> dict:
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m train", description=__doc__,
+        prog="python -m train",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--work", type=Path, default=Path("work"),
-                        help="working folder: data, checkpoints, Flower home (default: work)")
-    parser.add_argument("--data", type=Path,
-                        help="folder of site datasets (nnU-Net raw layout); default: phantoms")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("work"),
+        help="working folder: data, checkpoints, Flower home (default: work)",
+    )
+    parser.add_argument(
+        "--data", type=Path, help="folder of site datasets (nnU-Net raw layout); default: phantoms"
+    )
     parser.add_argument("--sites", type=int, default=3, help="phantom sites (default 3)")
     parser.add_argument("--cases", type=int, default=6, help="phantom cases per site (default 6)")
-    parser.add_argument("--size", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"),
-                        help="phantom volume size (default 64 64 64)")
+    parser.add_argument(
+        "--size",
+        type=int,
+        nargs=3,
+        default=(64, 64, 64),
+        metavar=("Z", "Y", "X"),
+        help="phantom volume size (default 64 64 64)",
+    )
     parser.add_argument("--fold", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="weights folder (default: WORK/weights)")
     parser.add_argument("--run-config", default="", help="'key=value ...' training settings")
-    parser.add_argument("--engine", choices=("simulation", "deployment"), default="simulation",
-                        help="Flower's simulation engine (Ray), or its deployment engine: a "
-                        "SuperLink and one SuperNode per site on localhost (default: simulation)")
-    parser.add_argument("--cpus-per-site", type=float,
-                        help="simulation: Ray CPUs per site (default: all, sites one at a time)")
-    parser.add_argument("--gpus-per-site", type=float, default=0.0,
-                        help="simulation: Ray GPUs per site (0.5: two sites share a GPU)")
-    parser.add_argument("--site-gpus", type=lambda text: text.split(","), metavar="IDS",
-                        help="deployment: CUDA_VISIBLE_DEVICES of the sites, one entry per "
-                        "site, reused in turn: '0,1,2' one GPU each, '0' one shared GPU")
-    parser.add_argument("--tls", action="store_true",
-                        help="deployment: TLS between the SuperNodes and the SuperLink")
-    parser.add_argument("--cache", type=Path,
-                        help=f"preprocessed cases (default: ${CACHE_ENV}, "
-                        "else ~/.cache/vessel-seg/train)")
-    parser.add_argument("--loader-workers", type=int,
-                        help=f"patch worker processes per site (default: ${LOADER_WORKERS_ENV}, "
-                        "else half the CPUs, at most 4; 0: in the training loop)")
+    parser.add_argument(
+        "--engine",
+        choices=("simulation", "deployment"),
+        default="simulation",
+        help="Flower's simulation engine (Ray), or its deployment engine: a "
+        "SuperLink and one SuperNode per site on localhost (default: simulation)",
+    )
+    parser.add_argument(
+        "--cpus-per-site",
+        type=float,
+        help="simulation: Ray CPUs per site (default: all, sites one at a time)",
+    )
+    parser.add_argument(
+        "--gpus-per-site",
+        type=float,
+        default=0.0,
+        help="simulation: Ray GPUs per site (0.5: two sites share a GPU)",
+    )
+    parser.add_argument(
+        "--site-gpus",
+        type=lambda text: text.split(","),
+        metavar="IDS",
+        help="deployment: CUDA_VISIBLE_DEVICES of the sites, one entry per "
+        "site, reused in turn: '0,1,2' one GPU each, '0' one shared GPU",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="deployment: TLS between the SuperNodes and the SuperLink",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help=f"preprocessed cases (default: ${CACHE_ENV}, else ~/.cache/vessel-seg/train)",
+    )
+    parser.add_argument(
+        "--loader-workers",
+        type=int,
+        help=f"patch worker processes per site (default: ${LOADER_WORKERS_ENV}, "
+        "else half the CPUs, at most 4; 0: in the training loop)",
+    )
     parser.add_argument("--fresh", action="store_true", help="discard this fold's checkpoints")
     parser.add_argument("--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -129,8 +168,9 @@ def train(args: argparse.Namespace, config: TrainConfig, sites: list[Path]) -> N
 
     try:
         if args.engine == "deployment":  # the sites' folders reach them as node config
-            run_deployment(config.replace(sim_data_root="").to_run_config(), sites, args.tls,
-                           args.site_gpus)
+            run_deployment(
+                config.replace(sim_data_root="").to_run_config(), sites, args.tls, args.site_gpus
+            )
         else:
             simulate(config, len(sites), args.cpus_per_site, args.gpus_per_site, args.verbose)
     except FlowerRunError as error:
@@ -154,9 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         if not sites:
             raise SystemExit(f"{root}: no site datasets (folders with imagesTr/) found")
     settings = {
-        **TrainConfig().to_run_config(), **SMOKE,
-        "fold": args.fold, "seed": args.seed, "wait-for-sites": len(sites),
-        "run-dir": str(args.work / "train"), "out-dir": str(args.out or args.work / "weights"),
+        **TrainConfig().to_run_config(),
+        **SMOKE,
+        "fold": args.fold,
+        "seed": args.seed,
+        "wait-for-sites": len(sites),
+        "run-dir": str(args.work / "train"),
+        "out-dir": str(args.out or args.work / "weights"),
         "sim-data-root": str(root.resolve()),
         **parse_run_config(args.run_config),
     }
@@ -168,16 +212,28 @@ def main(argv: list[str] | None = None) -> int:
         with terminate_as_interrupt():
             train(args, config, sites)
     except KeyboardInterrupt as interruption:
-        print(f"python -m train: interrupted ({interruption or 'Ctrl-C'}); the same command "
-              "resumes after the last completed round", file=sys.stderr)
+        print(
+            f"python -m train: interrupted ({interruption or 'Ctrl-C'}); the same command "
+            "resumes after the last completed round",
+            file=sys.stderr,
+        )
         return 130
     state = json.loads((run / "state.json").read_text())
-    print(json.dumps({
-        "engine": args.engine, "fold": config.fold, "sites": state["sites"],
-        "rounds": state["round"],
-        "best_round": state["best_round"], "validation": state["best_metrics"],
-        "training_seconds": round(state["training_seconds"], 1), "weights": config.out_dir,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "engine": args.engine,
+                "fold": config.fold,
+                "sites": state["sites"],
+                "rounds": state["round"],
+                "best_round": state["best_round"],
+                "validation": state["best_metrics"],
+                "training_seconds": round(state["training_seconds"], 1),
+                "weights": config.out_dir,
+            },
+            indent=1,
+        )
+    )
     return 0
 
 

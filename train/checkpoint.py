@@ -30,8 +30,15 @@ STATE = "state.json"
 FORMAT = "vessel-train-state/1"
 # Settings that may differ when a run is resumed; any other difference is a different run.
 RESUMABLE = {
-    "num-rounds", "patience", "round-timeout", "min-sites", "wait-for-sites", "out-dir",
-    "run-dir", "sim-data-root", "val-overlap",
+    "num-rounds",
+    "patience",
+    "round-timeout",
+    "min-sites",
+    "wait-for-sites",
+    "out-dir",
+    "run-dir",
+    "sim-data-root",
+    "val-overlap",
 }
 
 
@@ -76,7 +83,9 @@ def load_arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(
-    directory: Path, state: RunState, global_arrays: dict[str, np.ndarray],
+    directory: Path,
+    state: RunState,
+    global_arrays: dict[str, np.ndarray],
     best_arrays: dict[str, np.ndarray] | None,
 ) -> None:
     """Write the round's parameters, then the state naming them, then drop older files."""
@@ -113,7 +122,8 @@ def load_checkpoint(
     # A setting added after the run started takes its default, which is how the run behaved.
     saved = {**TrainConfig().to_run_config(), **state.config}
     differing = sorted(
-        key for key in set(current) | set(saved)
+        key
+        for key in set(current) | set(saved)
         if key not in RESUMABLE and current.get(key) != saved.get(key)
     )
     if differing:

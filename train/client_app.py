@@ -56,8 +56,11 @@ def site_record(site: Site, context: Context) -> ConfigRecord:
     if description.is_file():
         dataset = str(json.loads(description.read_text()).get("name", ""))
     return ConfigRecord(
-        {"name": str(context.node_config.get("site-name", site.name)), "dataset": dataset,
-         "fingerprint": fingerprint(site.path)}
+        {
+            "name": str(context.node_config.get("site-name", site.name)),
+            "dataset": dataset,
+            "fingerprint": fingerprint(site.path),
+        }
     )
 
 
@@ -86,13 +89,22 @@ def build_client_app(data_root: str | None = None) -> ClientApp:
         net = build_network(config, state)
         result, cases = train_site(net, site, config, server_round)
         arrays = ArrayRecord(net.state_dict())
-        metrics = MetricRecord({
-            WEIGHT_KEY: cases, "train-loss": result.loss, "train-steps": result.steps,
-            "train-seconds": result.seconds, "site-seconds": time.perf_counter() - start,
-        })
-        content = RecordDict({
-            "arrays": arrays, "metrics": metrics, SITE_KEY: site_record(site, context),
-        })
+        metrics = MetricRecord(
+            {
+                WEIGHT_KEY: cases,
+                "train-loss": result.loss,
+                "train-steps": result.steps,
+                "train-seconds": result.seconds,
+                "site-seconds": time.perf_counter() - start,
+            }
+        )
+        content = RecordDict(
+            {
+                "arrays": arrays,
+                "metrics": metrics,
+                SITE_KEY: site_record(site, context),
+            }
+        )
         return Message(content, reply_to=message)
 
     @app.evaluate()
@@ -102,10 +114,12 @@ def build_client_app(data_root: str | None = None) -> ClientApp:
         site = open_site(context, config, data_root)
         scores, cases = validate_site(build_network(config, state), site, config)
         seconds = time.perf_counter() - start
-        content = RecordDict({
-            "metrics": MetricRecord({WEIGHT_KEY: cases, **scores, "site-seconds": seconds}),
-            SITE_KEY: site_record(site, context),
-        })
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({WEIGHT_KEY: cases, **scores, "site-seconds": seconds}),
+                SITE_KEY: site_record(site, context),
+            }
+        )
         return Message(content, reply_to=message)
 
     return app

@@ -59,8 +59,16 @@ class TrainConfig:
         problems = []
         if not 0 <= self.fold < self.num_folds:
             problems.append(f"fold {self.fold} is not in 0..{self.num_folds - 1}")
-        for name in ("num_rounds", "local_epochs", "patches_per_case", "batch_size",
-                     "base_channels", "min_sites", "wait_for_sites", "num_folds"):
+        for name in (
+            "num_rounds",
+            "local_epochs",
+            "patches_per_case",
+            "batch_size",
+            "base_channels",
+            "min_sites",
+            "wait_for_sites",
+            "num_folds",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if self.patience < 1:
@@ -86,8 +94,12 @@ class TrainConfig:
 
     @property
     def architecture(self) -> Architecture:
-        return Architecture(base_channels=self.base_channels, hsca=self.hsca, msfe=self.msfe,
-                            upsampling=self.upsampling)
+        return Architecture(
+            base_channels=self.base_channels,
+            hsca=self.hsca,
+            msfe=self.msfe,
+            upsampling=self.upsampling,
+        )
 
     @property
     def patch_shape(self) -> tuple[int, int, int]:
@@ -119,10 +131,26 @@ class TrainConfig:
 
 # Settings a site needs to train and validate; paths of the server stay on the server.
 SITE_KEYS = (
-    "fold", "num-folds", "local-epochs", "patches-per-case", "batch-size", "learning-rate",
-    "foreground-fraction", "loss-alpha", "pos-weight", "augment", "augment-intensity",
-    "patch-size", "base-channels", "hsca", "msfe", "upsampling", "target-spacing", "precision",
-    "val-overlap", "seed",
+    "fold",
+    "num-folds",
+    "local-epochs",
+    "patches-per-case",
+    "batch-size",
+    "learning-rate",
+    "foreground-fraction",
+    "loss-alpha",
+    "pos-weight",
+    "augment",
+    "augment-intensity",
+    "patch-size",
+    "base-channels",
+    "hsca",
+    "msfe",
+    "upsampling",
+    "target-spacing",
+    "precision",
+    "val-overlap",
+    "seed",
 )
 
 

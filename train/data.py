@@ -234,21 +234,28 @@ def preprocessing_source() -> str:
 def preprocessing_settings(spacing: tuple[float, float, float]) -> dict:
     """Everything a cached case depends on besides its files (part of the cache key)."""
     return {
-        "format": CACHE_FORMAT, "target_spacing": [float(s) for s in spacing],
-        "normalization": DEFAULT_NORMALIZATION, "max_foreground": MAX_FOREGROUND_SAMPLES,
+        "format": CACHE_FORMAT,
+        "target_spacing": [float(s) for s in spacing],
+        "normalization": DEFAULT_NORMALIZATION,
+        "max_foreground": MAX_FOREGROUND_SAMPLES,
         "preprocessing_source": preprocessing_source(),
     }
 
 
 def cache_key(
-    name: str, image_path: Path, label_path: Path, spacing: tuple[float, float, float],
+    name: str,
+    image_path: Path,
+    label_path: Path,
+    spacing: tuple[float, float, float],
     cache_dir: Path,
 ) -> str:
     """The cache entry of a case: its name (which seeds its foreground sample), the hashes of
     its files and :func:`preprocessing_settings`."""
     key = {
-        "name": name, "image": file_digest(image_path, cache_dir),
-        "label": file_digest(label_path, cache_dir), **preprocessing_settings(spacing),
+        "name": name,
+        "image": file_digest(image_path, cache_dir),
+        "label": file_digest(label_path, cache_dir),
+        **preprocessing_settings(spacing),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -265,12 +272,16 @@ def open_cached(folder: Path) -> CachedCase | None:
                 return None
     except (OSError, ValueError, KeyError):
         return None
-    return CachedCase(description["name"], folder, shape, int(description["vessel_voxels"]),
-                      foreground)
+    return CachedCase(
+        description["name"], folder, shape, int(description["vessel_voxels"]), foreground
+    )
 
 
 def cache_case(
-    name: str, image_path: Path, label_path: Path, spacing: tuple[float, float, float],
+    name: str,
+    image_path: Path,
+    label_path: Path,
+    spacing: tuple[float, float, float],
     cache_dir: Path,
 ) -> CachedCase:
     """The case from the cache, preprocessed with :func:`load_case` and written there first
@@ -301,8 +312,12 @@ def write_cached(case: Case, folder: Path, spacing: tuple[float, float, float]) 
         np.save(staging / "image.npy", case.image)
         np.save(staging / "label.npy", case.label)
         np.save(staging / "foreground.npy", case.foreground)
-        description = {"name": case.name, "shape": list(case.shape),
-                       "vessel_voxels": case.vessel_voxels, **preprocessing_settings(spacing)}
+        description = {
+            "name": case.name,
+            "shape": list(case.shape),
+            "vessel_voxels": case.vessel_voxels,
+            **preprocessing_settings(spacing),
+        }
         (staging / "case.json").write_text(json.dumps(description, indent=1))
         if folder.exists():  # a broken entry (open_cached refused it): replace it
             shutil.rmtree(folder, ignore_errors=True)
@@ -316,8 +331,11 @@ def write_cached(case: Case, folder: Path, spacing: tuple[float, float, float]) 
 
 
 def load_site(
-    root: str | Path, spacing: tuple[float, float, float], name: str | None = None,
-    cache_dir: str | Path | None = None, in_memory: bool = False,
+    root: str | Path,
+    spacing: tuple[float, float, float],
+    name: str | None = None,
+    cache_dir: str | Path | None = None,
+    in_memory: bool = False,
 ) -> Site:
     """Every case of the dataset at ``root`` on the model grid: from the on-disk cache
     (``cache_dir``, default :func:`default_cache_dir`), preprocessing the cases not yet in
@@ -328,8 +346,9 @@ def load_site(
         cases = {n: load_case(n, image, label, spacing) for n, (image, label) in files.items()}
     else:
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        cases = {n: cache_case(n, image, label, spacing, folder)
-                 for n, (image, label) in files.items()}
+        cases = {
+            n: cache_case(n, image, label, spacing, folder) for n, (image, label) in files.items()
+        }
     return Site(name=name or root.name, path=root, cases=cases)
 
 

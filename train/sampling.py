@@ -43,7 +43,9 @@ STALL_SECONDS = 600.0  # a batch takes under a second: a worker this slow is stu
 
 
 def patch_origin(
-    shape: tuple[int, ...], patch: tuple[int, ...], rng: np.random.Generator,
+    shape: tuple[int, ...],
+    patch: tuple[int, ...],
+    rng: np.random.Generator,
     centre: tuple[int, ...] | None = None,
 ) -> tuple[int, ...]:
     """Corner of a patch: uniform over the volume, or centred on ``centre`` and kept inside.
@@ -63,9 +65,7 @@ def patch_origin(
 
 def crop(volume: np.ndarray, origin: tuple[int, ...], patch: tuple[int, ...]) -> np.ndarray:
     """``volume[origin : origin + patch]`` with zero padding outside the volume."""
-    inside = tuple(
-        slice(max(o, 0), min(o + p, s)) for o, p, s in zip(origin, patch, volume.shape)
-    )
+    inside = tuple(slice(max(o, 0), min(o + p, s)) for o, p, s in zip(origin, patch, volume.shape))
     region = volume[inside]
     if region.shape == tuple(patch):
         return region
@@ -78,8 +78,11 @@ ZOOM_PROBABILITY, ZOOM_RANGE = 0.2, (0.7, 1.4)
 
 
 def sample_patch(
-    case: Case | CachedCase, patch: tuple[int, ...], rng: np.random.Generator,
-    foreground_fraction: float, zoom: float = 1.0,
+    case: Case | CachedCase,
+    patch: tuple[int, ...],
+    rng: np.random.Generator,
+    foreground_fraction: float,
+    zoom: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``(image, label)`` patch of ``case`` (see module docstring).
 
@@ -98,10 +101,11 @@ def sample_patch(
     if region == tuple(patch):
         return image, label
     factors = [p / r for p, r in zip(patch, region)]
-    image = ndimage.zoom(image, factors, order=1, output=np.float32, grid_mode=True,
-                         mode="nearest")
-    label = ndimage.zoom(label.astype(np.float32), factors, order=1, grid_mode=True,
-                         mode="nearest") >= 0.5
+    image = ndimage.zoom(image, factors, order=1, output=np.float32, grid_mode=True, mode="nearest")
+    label = (
+        ndimage.zoom(label.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
+        >= 0.5
+    )
     return image, label
 
 
@@ -185,8 +189,11 @@ def make_patch(
 
 
 def fill_batch(
-    cases: list, items: list[tuple[int, int]], settings: PatchSettings,
-    images: np.ndarray, labels: np.ndarray,
+    cases: list,
+    items: list[tuple[int, int]],
+    settings: PatchSettings,
+    images: np.ndarray,
+    labels: np.ndarray,
 ) -> None:
     """Write the patches ``items`` into ``images`` ``(N, 1, Z, Y, X)`` and ``labels``
     ``(N, Z, Y, X)``, both float32."""
@@ -249,8 +256,18 @@ def loader_workers() -> int:
 
 
 def _worker(
-    worker: int, workers: int, depth: int, cases: list, plan: list, settings: PatchSettings,
-    buffer, slot_floats: int, free, stop, sender, parent: int,
+    worker: int,
+    workers: int,
+    depth: int,
+    cases: list,
+    plan: list,
+    settings: PatchSettings,
+    buffer,
+    slot_floats: int,
+    free,
+    stop,
+    sender,
+    parent: int,
 ) -> None:
     """Make batches ``worker, worker + workers, ...`` into this worker's ring of slots."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the training loop handles Ctrl-C
@@ -284,7 +301,12 @@ class BackgroundBatches(Batches):
     """
 
     def __init__(
-        self, cases: list, plan: list, settings: PatchSettings, workers: int, depth: int = 2,
+        self,
+        cases: list,
+        plan: list,
+        settings: PatchSettings,
+        workers: int,
+        depth: int = 2,
         copy: bool = False,
     ):
         super().__init__(cases, plan, settings)
@@ -306,9 +328,23 @@ class BackgroundBatches(Batches):
             receiver, sender = context.Pipe(duplex=False)
             free = context.Semaphore(self.depth)
             process = context.Process(
-                target=_worker, name=f"patch-worker-{worker}", daemon=True,
-                args=(worker, workers, self.depth, self.cases, self.plan, self.settings,
-                      self.buffer, self.slot_floats, free, self.stop, sender, os.getpid()),
+                target=_worker,
+                name=f"patch-worker-{worker}",
+                daemon=True,
+                args=(
+                    worker,
+                    workers,
+                    self.depth,
+                    self.cases,
+                    self.plan,
+                    self.settings,
+                    self.buffer,
+                    self.slot_floats,
+                    free,
+                    self.stop,
+                    sender,
+                    os.getpid(),
+                ),
             )
             process.start()
             sender.close()  # the worker holds the only sending end: its death reads as EOF
@@ -325,8 +361,10 @@ class BackgroundBatches(Batches):
         while not receiver.poll(1.0):  # a message, or the end of file of a dead worker
             waited += 1.0
             if waited >= STALL_SECONDS:
-                raise LoaderError(f"patch worker {worker} (pid {process.pid}) made no batch in "
-                                  f"{STALL_SECONDS:.0f} s (batch {index} of {len(self.plan)})")
+                raise LoaderError(
+                    f"patch worker {worker} (pid {process.pid}) made no batch in "
+                    f"{STALL_SECONDS:.0f} s (batch {index} of {len(self.plan)})"
+                )
         try:
             message = receiver.recv()
         except EOFError:
@@ -397,9 +435,16 @@ def describe_exit(code: int | None) -> str:
 
 
 def epoch_batches(
-    cases: list, patch: tuple[int, ...], patches_per_case: int, batch_size: int,
-    rng: np.random.Generator, foreground_fraction: float, augmentation: bool,
-    intensity_augmentation: bool = False, workers: int = 0, copy: bool = True,
+    cases: list,
+    patch: tuple[int, ...],
+    patches_per_case: int,
+    batch_size: int,
+    rng: np.random.Generator,
+    foreground_fraction: float,
+    augmentation: bool,
+    intensity_augmentation: bool = False,
+    workers: int = 0,
+    copy: bool = True,
 ) -> Batches:
     """Batches ``(N, 1, Z, Y, X)`` float32 images and ``(N, Z, Y, X)`` float32 labels of one
     epoch, made here (``workers`` 0) or ahead by worker processes (:class:`BackgroundBatches`;
@@ -410,8 +455,9 @@ def epoch_batches(
     multiple of ``batch_size``. The epoch's plan is drawn from ``rng`` at once, here.
     """
     plan = epoch_plan(len(cases), patches_per_case, batch_size, rng)
-    settings = PatchSettings(tuple(patch), foreground_fraction, augmentation,
-                             intensity_augmentation)
+    settings = PatchSettings(
+        tuple(patch), foreground_fraction, augmentation, intensity_augmentation
+    )
     if workers > 0 and plan:
         return BackgroundBatches(cases, plan, settings, workers, copy=copy)
     return Batches(cases, plan, settings)

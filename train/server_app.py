@@ -49,7 +49,8 @@ def initial_arrays(config: TrainConfig) -> dict[str, np.ndarray]:
     except (OSError, SafetensorError) as error:
         raise ValueError(f"init-weights {path}: cannot be read ({error})") from None
     wrong = sorted(set(fresh) ^ set(loaded)) or sorted(
-        k for k in fresh if fresh[k].shape != loaded[k].shape)
+        k for k in fresh if fresh[k].shape != loaded[k].shape
+    )
     if wrong:
         raise ValueError(f"init-weights {path}: not this architecture ({', '.join(wrong[:3])})")
     return {k: loaded[k].astype(fresh[k].dtype) for k in fresh}
@@ -93,14 +94,18 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
 
 
 def play_round(
-    grid: Grid, strategy: RobustFedAvg, config: TrainConfig, server_round: int,
+    grid: Grid,
+    strategy: RobustFedAvg,
+    config: TrainConfig,
+    server_round: int,
     arrays: dict[str, np.ndarray],
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One FedAvg round and its validation; returns the new global model and the round's record."""
     start = time.monotonic()
     settings = site_config(config)
-    messages = list(strategy.configure_train(server_round, to_record(arrays),
-                                             ConfigRecord(settings), grid))
+    messages = list(
+        strategy.configure_train(server_round, to_record(arrays), ConfigRecord(settings), grid)
+    )
     replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     trained = time.monotonic()
     averaged, train_metrics = strategy.aggregate_train(server_round, replies)
@@ -108,8 +113,9 @@ def play_round(
         log.warning("round %d: no usable update; the global model stays as it was", server_round)
     else:
         arrays = from_record(averaged)
-    evaluations = list(strategy.configure_evaluate(server_round, to_record(arrays),
-                                                   ConfigRecord(settings), grid))
+    evaluations = list(
+        strategy.configure_evaluate(server_round, to_record(arrays), ConfigRecord(settings), grid)
+    )
     scores = list(grid.send_and_receive(evaluations, timeout=config.round_timeout))
     validation = strategy.aggregate_evaluate(server_round, scores)
     record = {
@@ -141,8 +147,11 @@ def update_state(state: RunState, record: dict) -> bool:
     state.training_seconds += record["seconds"]
     for name, report in record["train"]["sites"].items():
         state.sites.setdefault(name, {}).update(
-            {"training_cases": report["cases"], **{k: report[k] for k in ("dataset", "fingerprint")
-                                                   if k in report}})
+            {
+                "training_cases": report["cases"],
+                **{k: report[k] for k in ("dataset", "fingerprint") if k in report},
+            }
+        )
     for name, report in record["validation"]["sites"].items():
         state.sites.setdefault(name, {})["validation_cases"] = report["cases"]
     dice = record["validation"].get("dice")
@@ -200,8 +209,10 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
         state, arrays, best = saved
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
     strategy = RobustFedAvg(
-        wait_for_nodes=config.wait_for_sites, min_available_nodes=config.min_sites,
-        min_train_nodes=config.min_sites, min_evaluate_nodes=config.min_sites,
+        wait_for_nodes=config.wait_for_sites,
+        min_available_nodes=config.min_sites,
+        min_train_nodes=config.min_sites,
+        min_evaluate_nodes=config.min_sites,
     )
     while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
         arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
@@ -210,21 +221,31 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
         save_checkpoint(directory, state, arrays, arrays if improved else None)
         log.info(
             "round %d: loss %s, validation Dice %s clDice %s (best %.4f in round %d), %.1f s",
-            state.round, _fmt(record["train"]["loss"]), _fmt(record["validation"].get("dice")),
-            _fmt(record["validation"].get("cldice")), state.best_dice, state.best_round,
+            state.round,
+            _fmt(record["train"]["loss"]),
+            _fmt(record["validation"].get("dice")),
+            _fmt(record["validation"].get("cldice")),
+            state.best_dice,
+            state.best_round,
             record["seconds"],
         )
     state.stop_reason = (
         f"no better validation Dice for {config.patience} rounds"
-        if state.rounds_without_improvement >= config.patience else "num-rounds reached"
+        if state.rounds_without_improvement >= config.patience
+        else "num-rounds reached"
     )
     if best is None:
         log.warning("no round was validated: exporting the last global model")
         best = arrays
     manifest = export_fold(best, config, config.out_dir, provenance(state, config))
     save_checkpoint(directory, state, arrays, None)
-    log.info("fold %d: %s; best round %d exported to %s", config.fold, state.stop_reason,
-             state.best_round, manifest)
+    log.info(
+        "fold %d: %s; best round %d exported to %s",
+        config.fold,
+        state.stop_reason,
+        state.best_round,
+        manifest,
+    )
     return state
 
 

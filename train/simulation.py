@@ -45,8 +45,19 @@ def ensure_phantom_federation(
     existing = site_folders(root)
     if not existing:
         command = [
-            sys.executable, "-m", "phantoms", "--out", str(root), "--cases", str(cases),
-            "--size", *map(str, size), "--seed", str(seed), "--sites", str(sites),
+            sys.executable,
+            "-m",
+            "phantoms",
+            "--out",
+            str(root),
+            "--cases",
+            str(cases),
+            "--size",
+            *map(str, size),
+            "--seed",
+            str(seed),
+            "--sites",
+            str(sites),
         ]
         subprocess.run(command, check=True)
         existing = site_folders(root)
@@ -59,8 +70,11 @@ def ensure_phantom_federation(
 
 
 def simulate(
-    config: TrainConfig, num_sites: int, cpus_per_site: float | None = None,
-    gpus_per_site: float = 0.0, verbose: bool = False,
+    config: TrainConfig,
+    num_sites: int,
+    cpus_per_site: float | None = None,
+    gpus_per_site: float = 0.0,
+    verbose: bool = False,
 ) -> None:
     """Train ``config`` on ``num_sites`` simulated sites reading ``config.sim_data_root``."""
     from train.deploy.localhost import run_simulation

@@ -108,7 +108,9 @@ class RobustFedAvg(FedAvg):
             self.left_out[site_name(message)] = problem
             log.warning(
                 "round %d: update of %s left out of the average: %s",
-                server_round, site_name(message), problem,
+                server_round,
+                site_name(message),
+                problem,
             )
         return super().aggregate_train(server_round, sorted(kept, key=site_name))
 
@@ -125,7 +127,8 @@ class RobustFedAvg(FedAvg):
         if len(kept) < len(messages):
             log.warning(
                 "round %d: %d site(s) that did not answer the training are not asked to validate",
-                server_round, len(messages) - len(kept),
+                server_round,
+                len(messages) - len(kept),
             )
         return kept
 

@@ -62,11 +62,14 @@ FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
 TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
 INDEPENDENT_SET = {"cases": 8, "size": 128, "seed": 4242}
 PILOT_ROUNDS = 10
-PILOT = (("base-channels", 8), ("patch-size", 64), ("local-epochs", 1),
-         ("patience", PILOT_ROUNDS))
+PILOT = (("base-channels", 8), ("patch-size", 64), ("local-epochs", 1), ("patience", PILOT_ROUNDS))
 COMMON = {
-    "patch-size": 48, "base-channels": 16, "learning-rate": 1e-3, "local-epochs": 2,
-    "val-overlap": 0.25, "patience": 5,
+    "patch-size": 48,
+    "base-channels": 16,
+    "learning-rate": 1e-3,
+    "local-epochs": 2,
+    "val-overlap": 0.25,
+    "patience": 5,
 }
 SHIPPED_ROUNDS = 9  # fold 0, from a seeded model
 WARM_ROUNDS = 1  # folds 1-4, each starting from fold 0's exported model
@@ -107,11 +110,24 @@ def python(*args: str) -> None:
 
 # -- data ---------------------------------------------------------------------------------
 
+
 def phantoms(out: Path, spec: dict, *options: str) -> None:
     """``python -m phantoms`` for ``spec`` (cases per site, cube size, seed, sites)."""
     sites = ("--sites", str(spec["sites"])) if "sites" in spec else ()
-    python("-m", "phantoms", "--out", str(out), "--cases", str(spec["cases"]),
-           "--size", *[str(spec["size"])] * 3, "--seed", str(spec["seed"]), *sites, *options)
+    python(
+        "-m",
+        "phantoms",
+        "--out",
+        str(out),
+        "--cases",
+        str(spec["cases"]),
+        "--size",
+        *[str(spec["size"])] * 3,
+        "--seed",
+        str(spec["seed"]),
+        *sites,
+        *options,
+    )
 
 
 def make_data() -> None:
@@ -131,8 +147,14 @@ def make_data() -> None:
                 file.rename(test / part / file.name)
         shutil.rmtree(staging)
     if not (DATA / "independent").exists():
-        phantoms(DATA / "independent", INDEPENDENT_SET, "--layout", "challenge",
-                 "--family", "independent")
+        phantoms(
+            DATA / "independent",
+            INDEPENDENT_SET,
+            "--layout",
+            "challenge",
+            "--family",
+            "independent",
+        )
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     for site in sites:
         alone = DATA / f"{site.name}-alone"
@@ -150,17 +172,31 @@ def make_data() -> None:
 
 # -- training -----------------------------------------------------------------------------
 
+
 def run_config(run: Run, rounds: int) -> str:
     settings = {**COMMON, "num-rounds": rounds, **dict(run.settings)}
     if run.init_from_fold0:
         settings["init-weights"] = str(SHIPPED / "weights" / "fold_0.safetensors")
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in settings.items())
+    return " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()
+    )
 
 
 def train_command(name: str, run: Run, rounds: int, work: Path, out: Path) -> list[str]:
-    return ["-m", "train", "--data", str(DATA / run.data), "--fold", str(run.fold),
-            "--work", str(work), "--out", str(out), "--run-config", run_config(run, rounds)]
+    return [
+        "-m",
+        "train",
+        "--data",
+        str(DATA / run.data),
+        "--fold",
+        str(run.fold),
+        "--work",
+        str(work),
+        "--out",
+        str(out),
+        "--run-config",
+        run_config(run, rounds),
+    ]
 
 
 def train(name: str) -> None:
@@ -176,15 +212,24 @@ def train(name: str) -> None:
         snapshot = RUNS_DIR / "federated" / "train" / "fold0"
         if not snapshot.exists():
             shutil.copytree(work / "train" / "fold0", snapshot)
-        python(*train_command("federated", run, COMPARISON_ROUNDS, snapshot.parent.parent,
-                              snapshot.parent.parent / "weights"))
+        python(
+            *train_command(
+                "federated",
+                run,
+                COMPARISON_ROUNDS,
+                snapshot.parent.parent,
+                snapshot.parent.parent / "weights",
+            )
+        )
     python(*train_command(name, run, run.rounds, work, out))
 
 
 # -- evaluation ---------------------------------------------------------------------------
 
-def predict(weights: Path, folds: list[int], out: Path, images: Path = DATA / "test" / "input"
-            ) -> Path:
+
+def predict(
+    weights: Path, folds: list[int], out: Path, images: Path = DATA / "test" / "input"
+) -> Path:
     """Masks of ``images`` without component cleaning (``process.py --no-postprocess``), kept
     in ``out`` and made again only when the folds' weight files changed."""
     manifest = load_manifest(weights)
@@ -192,8 +237,18 @@ def predict(weights: Path, folds: list[int], out: Path, images: Path = DATA / "t
     stamp = out / "weights.json"
     if not (stamp.is_file() and stamp.read_text() == made_by):
         shutil.rmtree(out, ignore_errors=True)
-        python("process.py", "--input", str(images), "--output", str(out),
-               "--weights", str(weights), "--folds", *map(str, folds), "--no-postprocess")
+        python(
+            "process.py",
+            "--input",
+            str(images),
+            "--output",
+            str(out),
+            "--weights",
+            str(weights),
+            "--folds",
+            *map(str, folds),
+            "--no-postprocess",
+        )
         stamp.write_text(made_by)
     return out
 
@@ -234,8 +289,9 @@ def tune_postprocess(weights: Path) -> float:
     manifest.postprocess = CleaningSettings(min_fraction_of_largest=best).to_dict()
     manifest.provenance["postprocess"] = {
         "chosen_by": "fold 0's mean Dice on its validation cases",
-        "dice_by_min_fraction_of_largest": {f"{k:g}": round(v, 4)
-                                            for k, v in dice_by_fraction.items()},
+        "dice_by_min_fraction_of_largest": {
+            f"{k:g}": round(v, 4) for k, v in dice_by_fraction.items()
+        },
     }
     write_manifest(weights, manifest)
     return best
@@ -271,14 +327,26 @@ def evaluate() -> None:
     """Score every run on the held-out test set; write ``results.md``, ``results.json`` and
     the training curves."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    single = {name: RUNS_DIR / name / "weights"
-              for name in ("federated", "msfe-only", "hsca-only", "pooled",
-                           "site1-alone", "site2-alone", "site3-alone")}
+    single = {
+        name: RUNS_DIR / name / "weights"
+        for name in (
+            "federated",
+            "msfe-only",
+            "hsca-only",
+            "pooled",
+            "site1-alone",
+            "site2-alone",
+            "site3-alone",
+        )
+    }
     shipped = SHIPPED / "weights"
     tune_postprocess(shipped)
     settings = CleaningSettings.from_dict(load_manifest(shipped).postprocess)
-    rows = {name: score(cleaned(predict(weights, [0], RESULTS / name), settings))
-            for name, weights in single.items() if (weights / "manifest.json").is_file()}
+    rows = {
+        name: score(cleaned(predict(weights, [0], RESULTS / name), settings))
+        for name, weights in single.items()
+        if (weights / "manifest.json").is_file()
+    }
     ensemble = predict(shipped, [0, 1, 2, 3, 4], RESULTS / "ensemble")
     fold0 = predict(shipped, [0], RESULTS / "shipped-fold0")
     ensemble_cc = cleaned(ensemble, settings)
@@ -288,16 +356,21 @@ def evaluate() -> None:
         "fold 0 alone, with CC": score(cleaned(fold0, settings)),
         "fold 0 alone, without CC": score(fold0),
     }
-    per_site = {f"test site {k}{' (unseen acquisition)' if k == 4 else ''}":
-                score(ensemble_cc, f"site{k}_") for k in (1, 2, 3, 4)}
+    per_site = {
+        f"test site {k}{' (unseen acquisition)' if k == 4 else ''}": score(ensemble_cc, f"site{k}_")
+        for k in (1, 2, 3, 4)
+    }
     tables = {
         f"Table 1: the network's modules (fold 0, federated, up to {ABLATION_ROUNDS} rounds)": {
-            "MSFE only": rows.get("msfe-only"), "HSCA only": rows.get("hsca-only"),
-            "HSCA + MSFE (shipped fold 0)": shipped_rows["fold 0 alone, with CC"]},
+            "MSFE only": rows.get("msfe-only"),
+            "HSCA only": rows.get("hsca-only"),
+            "HSCA + MSFE (shipped fold 0)": shipped_rows["fold 0 alone, with CC"],
+        },
         f"Table 2: what federation buys (full network, fold 0, {COMPARISON_ROUNDS} rounds)": {
             "federated (3 sites)": rows.get("federated"),
             "centralised (pooled data)": rows.get("pooled"),
-            **{f"site {k} alone": rows.get(f"site{k}-alone") for k in (1, 2, 3)}},
+            **{f"site {k} alone": rows.get(f"site{k}-alone") for k in (1, 2, 3)},
+        },
         "Table 3: the shipped folds": shipped_rows,
         "Shipped ensemble by test site": per_site,
     }
@@ -311,8 +384,10 @@ def evaluate() -> None:
 def evaluate_pilot() -> str:
     """Table of the pilot's two folds on both test sets (with the default cleaning), and the
     MIPs of the independent case that the randomised-data fold segments worst."""
-    sets = {"held-out (reference family)": DATA / "test",
-            "independent family": DATA / "independent"}
+    sets = {
+        "held-out (reference family)": DATA / "test",
+        "independent family": DATA / "independent",
+    }
     rows, masks = {}, {}
     for name in ("pilot-reference", "pilot-randomised"):
         weights = RUNS_DIR / name / "weights"
@@ -324,14 +399,17 @@ def evaluate_pilot() -> str:
             rows[f"{name}, {label}"] = score(mask, truth=folder / "ground_truth")
     text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
     if ("pilot-randomised", "independent") in masks:
-        results = case_results(masks["pilot-randomised", "independent"],
-                               DATA / "independent" / "ground_truth")
+        results = case_results(
+            masks["pilot-randomised", "independent"], DATA / "independent" / "ground_truth"
+        )
         worst = min(results, key=lambda r: r.metrics["Dice"]).case
         image = DATA / "independent" / "input" / f"{worst}_0000.nii.gz"
         truth = DATA / "independent" / "ground_truth" / f"{worst}.nii.gz"
         panels = [(f"{worst}: truth", truth)] + [
             (f"{name}", masks[name, "independent"] / f"{worst}.nii.gz")
-            for name in ("pilot-reference", "pilot-randomised") if (name, "independent") in masks]
+            for name in ("pilot-reference", "pilot-randomised")
+            if (name, "independent") in masks
+        ]
         mip_panel(image, panels, RESULTS / "pilot-worst-independent.png")
         text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
     (RESULTS / "pilot.md").write_text(text)
@@ -357,11 +435,14 @@ def plot_curves(path: Path) -> None:
         start = start or saved["best_round"]
         rounds = np.array([record["round"] for record in history]) + offset
         loss_axis.plot(rounds, [r["train"]["loss"] for r in history], "o-", label=f"fold {fold}")
-        dice_axis.plot(rounds, [r["validation"]["dice"] for r in history], "o-",
-                       label=f"fold {fold}")
+        dice_axis.plot(
+            rounds, [r["validation"]["dice"] for r in history], "o-", label=f"fold {fold}"
+        )
     loss_axis.set(xlabel="round", ylabel="train loss (BCE + 0.6 WBCE + 0.4 Dice)")
-    dice_axis.set(xlabel="round (folds 1-4 continue from fold 0's model)",
-                  ylabel="validation Dice (cases-weighted over sites)")
+    dice_axis.set(
+        xlabel="round (folds 1-4 continue from fold 0's model)",
+        ylabel="validation Dice (cases-weighted over sites)",
+    )
     for axis in (loss_axis, dice_axis):
         axis.grid(alpha=0.3)
         axis.legend()
@@ -370,8 +451,11 @@ def plot_curves(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data")
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))

@@ -76,7 +76,8 @@ def autocast_dtype(
     if precision == "fp32":
         return None
     cpu_unsafe = (
-        device.type == "cpu" and training_patch is not None
+        device.type == "cpu"
+        and training_patch is not None
         and not cpu_bf16_backward_safe(training_patch)
     )
     if precision == "bf16":
@@ -121,8 +122,9 @@ def fit(
     for images, labels in batches:
         x = torch.from_numpy(images).to(device)
         y = torch.from_numpy(labels).to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             logits = net(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -135,7 +137,9 @@ def fit(
 
 
 def validation_predictor(
-    net: nn.Module, config: TrainConfig, device: torch.device,
+    net: nn.Module,
+    config: TrainConfig,
+    device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> Predictor:
     """The container's predictor (:class:`inference.predictor.Predictor`) around the network
@@ -143,8 +147,10 @@ def validation_predictor(
     ``process.py``, without component cleaning (its settings are chosen afterwards, on these
     masks)."""
     manifest = Manifest(
-        architecture=config.architecture, patch_size=config.patch_shape,
-        target_spacing=config.spacing, normalization=DEFAULT_NORMALIZATION,
+        architecture=config.architecture,
+        patch_size=config.patch_shape,
+        target_spacing=config.spacing,
+        normalization=DEFAULT_NORMALIZATION,
     )
     settings = PredictorSettings(overlap=config.val_overlap, postprocess=False)
     return Predictor.from_networks([net], manifest, settings, device.type, amp_dtype)
@@ -152,8 +158,12 @@ def validation_predictor(
 
 def predict_mask(predictor: Predictor, image: np.ndarray) -> np.ndarray:
     """Vessel mask (bool) of a preprocessed volume on the model's grid."""
-    geometry = Geometry(image.shape, predictor.manifest.target_spacing, (0.0,) * 3,
-                        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
+    geometry = Geometry(
+        image.shape,
+        predictor.manifest.target_spacing,
+        (0.0,) * 3,
+        (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0),
+    )
     probability = predictor.probability_of_input(image, geometry)
     return predictor.mask_of(probability, geometry)[0].astype(bool)
 
@@ -181,8 +191,12 @@ def build_network(config: TrainConfig, state: dict[str, torch.Tensor] | None = N
 
 
 def train_site(
-    net: nn.Module, site: Site, config: TrainConfig, server_round: int,
-    device: torch.device | None = None, workers: int | None = None,
+    net: nn.Module,
+    site: Site,
+    config: TrainConfig,
+    server_round: int,
+    device: torch.device | None = None,
+    workers: int | None = None,
 ) -> tuple[FitResult, int]:
     """``local_epochs`` of the paper's training on the site's training cases of the fold.
 
@@ -204,8 +218,9 @@ def train_site(
     rng = seeded_generator(config.seed, config.fold, server_round, site_key(site.name))
     fraction = vessel_fraction(training)
     if fraction == 0.0:
-        raise SiteDataError(f"{site.path}: no vessel voxels in the training cases of fold "
-                            f"{config.fold}")
+        raise SiteDataError(
+            f"{site.path}: no vessel voxels in the training cases of fold {config.fold}"
+        )
     weight = config.pos_weight or positive_weight(fraction)
     net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
@@ -214,9 +229,16 @@ def train_site(
     loss_fn = lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha)  # noqa: E731
     for _ in range(config.local_epochs):
         with epoch_batches(
-            training, config.patch_shape, config.patches_per_case, config.batch_size, rng,
-            config.foreground_fraction, config.augment, config.augment_intensity,
-            workers=workers, copy=False,
+            training,
+            config.patch_shape,
+            config.patches_per_case,
+            config.batch_size,
+            rng,
+            config.foreground_fraction,
+            config.augment,
+            config.augment_intensity,
+            workers=workers,
+            copy=False,
         ) as batches:
             results.append(fit(net, batches, loss_fn, optimizer, device, amp_dtype))
     steps = sum(r.steps for r in results)

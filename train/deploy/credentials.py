@@ -81,9 +81,15 @@ def make_certificates(out: str | Path, hosts: list[str], days: int = VALIDITY_DA
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -136,13 +142,20 @@ def make_supernode_key(out: str | Path, name: str) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.deploy.credentials", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m train.deploy.credentials",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     certs = commands.add_parser("certificates", help="CA and SuperLink server certificate")
     certs.add_argument("--out", required=True, type=Path)
-    certs.add_argument("--host", action="append", default=[],
-                       help="DNS name or IP address of the SuperLink (repeatable)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="DNS name or IP address of the SuperLink (repeatable)",
+    )
     certs.add_argument("--days", type=int, default=VALIDITY_DAYS)
     keys = commands.add_parser("supernode-keys", help="one authentication key pair per site")
     keys.add_argument("--out", required=True, type=Path)

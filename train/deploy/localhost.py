@@ -120,8 +120,12 @@ class Services:
     def start(self, name: str, command: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115 (closed in stop_all)
         process = subprocess.Popen(
-            [str(c) for c in command], env={**self.env, **(env or {})}, stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [str(c) for c in command],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         self.started[name] = (process, log)
 
@@ -131,8 +135,11 @@ class Services:
 
     def died(self) -> list[str]:
         """Names of the services that exited, each with its exit status."""
-        return [f"{name} (exit status {process.returncode})"
-                for name, (process, _) in self.started.items() if process.poll() is not None]
+        return [
+            f"{name} (exit status {process.returncode})"
+            for name, (process, _) in self.started.items()
+            if process.poll() is not None
+        ]
 
     def describe_failure(self) -> str:
         return "\n".join(self.tail(name) for name in self.started)
@@ -157,14 +164,17 @@ def wait_for_superlink(services: Services, port: int, ca: Path | None) -> None:
             raise FlowerRunError("the SuperLink did not start:\n" + services.tail("superlink"))
         try:
             verify = str(ca) if ca else False
-            if httpx.get(f"{scheme}://127.0.0.1:{port}/health", verify=verify,
-                         timeout=1).is_success:
+            if httpx.get(
+                f"{scheme}://127.0.0.1:{port}/health", verify=verify, timeout=1
+            ).is_success:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    raise FlowerRunError(f"the SuperLink did not answer within {STARTUP_SECONDS:.0f} s:\n"
-                         + services.tail("superlink"))
+    raise FlowerRunError(
+        f"the SuperLink did not answer within {STARTUP_SECONDS:.0f} s:\n"
+        + services.tail("superlink")
+    )
 
 
 def write_connection(home: Path, name: str, port: int, ca: Path | None) -> None:
@@ -186,22 +196,42 @@ def toml_value(value: object) -> str:
 
 
 def flwr_run(
-    home: Path, connection: str, run_config: dict, env: dict[str, str],
-    federation_config: dict | None = None, watch: Callable[[], str | None] | None = None,
+    home: Path,
+    connection: str,
+    run_config: dict,
+    env: dict[str, str],
+    federation_config: dict | None = None,
+    watch: Callable[[], str | None] | None = None,
 ) -> str:
     """``flwr run`` of the app against ``connection``, streaming its log to stderr; returns the
     run id once the run completed, raises :class:`FlowerRunError` when it did not, or when
     ``watch()`` names a reason to stop it (a SuperNode that died)."""
     overrides = home / "run-config.toml"
     overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
-    command = [executable("flwr"), "run", str(APP), connection, "--stream",
-               "--run-config", str(overrides)]
+    command = [
+        executable("flwr"),
+        "run",
+        str(APP),
+        connection,
+        "--stream",
+        "--run-config",
+        str(overrides),
+    ]
     if federation_config:
-        command += ["--federation-config",
-                    " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
-                               errors="replace", start_new_session=True)
+        command += [
+            "--federation-config",
+            " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items()),
+        ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
     run_id: list[str] = []
 
     def forward() -> None:
@@ -224,8 +254,13 @@ def flwr_run(
     finally:
         if process.poll() is None:  # stopped early, or interrupted (Ctrl-C)
             if run_id:
-                subprocess.run([executable("flwr"), "stop", run_id[0], connection], env=env,
-                               capture_output=True, timeout=60, check=False)
+                subprocess.run(
+                    [executable("flwr"), "stop", run_id[0], connection],
+                    env=env,
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
             terminate([process.pid, *descendants(process.pid)])
         process.wait()
         reader.join(10)
@@ -235,16 +270,22 @@ def flwr_run(
         raise FlowerRunError(f"flwr run did not start a run (exit status {process.returncode})")
     listed = subprocess.run(
         [executable("flwr"), "ls", connection, "--run-id", run_id[0], "--format", "json"],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     try:
         run = json.loads(listed.stdout)["runs"][0]
     except (ValueError, KeyError, IndexError):
-        raise FlowerRunError(f"flwr ls cannot tell how run {run_id[0]} ended: "
-                             f"{listed.stdout}{listed.stderr}") from None
+        raise FlowerRunError(
+            f"flwr ls cannot tell how run {run_id[0]} ended: {listed.stdout}{listed.stderr}"
+        ) from None
     if run["status"] != "finished:completed":
-        raise FlowerRunError(f"run {run_id[0]} {run['status']}: {run.get('status-details', '')}",
-                             logs=False)
+        raise FlowerRunError(
+            f"run {run_id[0]} {run['status']}: {run.get('status-details', '')}", logs=False
+        )
     return run_id[0]
 
 
@@ -262,12 +303,18 @@ def runtime_env(home: Path) -> dict[str, str]:
     environment's commands first on PATH (the SuperLink and SuperNodes start Flower's other
     commands from PATH), and no runtime installs of the app's dependencies."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, "PATH": path, "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    return {
+        **os.environ,
+        "PATH": path,
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
 
 
 def _run(
-    engine: str, run_config: dict, start: Callable[[Services, int, Path], Path | None],
+    engine: str,
+    run_config: dict,
+    start: Callable[[Services, int, Path], Path | None],
     federation_config: dict | None = None,
 ) -> None:
     port = free_port()
@@ -288,8 +335,9 @@ def _run(
         completed = True
     except FlowerRunError as error:
         logs = f":\n{services.describe_failure()}" if error.logs else ""
-        raise FlowerRunError(f"{error}\n(the runtime's logs are in {home / 'logs'}){logs}",
-                             error.logs) from None
+        raise FlowerRunError(
+            f"{error}\n(the runtime's logs are in {home / 'logs'}){logs}", error.logs
+        ) from None
     finally:
         services.stop_all()
         if completed:
@@ -297,29 +345,46 @@ def _run(
 
 
 def run_simulation(
-    run_config: dict, num_sites: int, cpus_per_site: int, gpus_per_site: float = 0.0,
+    run_config: dict,
+    num_sites: int,
+    cpus_per_site: int,
+    gpus_per_site: float = 0.0,
     verbose: bool = False,
 ) -> None:
     """The run on Flower's simulation engine (see module docstring)."""
     cpus = os.cpu_count() or 1
 
     def start(services: Services, port: int, home: Path) -> None:
-        services.start("superlink", [
-            executable("flower-superlink"), "--insecure", "--simulation",
-            "--host", "127.0.0.1", "--port", str(port),
-        ])
+        services.start(
+            "superlink",
+            [
+                executable("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+        )
 
     federation = {
-        "num-supernodes": num_sites, "client-resources-num-cpus": cpus_per_site,
-        "client-resources-num-gpus": float(gpus_per_site), "init-args-num-cpus": cpus,
-        "init-args-num-gpus": 1 if gpus_per_site else 0, "verbose": verbose,
+        "num-supernodes": num_sites,
+        "client-resources-num-cpus": cpus_per_site,
+        "client-resources-num-gpus": float(gpus_per_site),
+        "init-args-num-cpus": cpus,
+        "init-args-num-gpus": 1 if gpus_per_site else 0,
+        "verbose": verbose,
     }
     _run("simulation", run_config, start, federation)
 
 
 def run_deployment(
-    run_config: dict, sites: list[Path], tls: bool = False,
-    site_gpus: list[str] | None = None, site_env: dict[str, str] | None = None,
+    run_config: dict,
+    sites: list[Path],
+    tls: bool = False,
+    site_gpus: list[str] | None = None,
+    site_env: dict[str, str] | None = None,
 ) -> None:
     """The run on Flower's deployment engine on localhost (see module docstring): site ``i``
     gets ``CUDA_VISIBLE_DEVICES=site_gpus[i % len(site_gpus)]`` when ``site_gpus`` is given
@@ -333,24 +398,49 @@ def run_deployment(
 
             certs = make_certificates(home / "certs", ["localhost"])
             ca = certs["ca"]
-            security = ["--ssl-ca-certfile", ca, "--ssl-certfile", certs["server_cert"],
-                        "--ssl-keyfile", certs["server_key"]]
+            security = [
+                "--ssl-ca-certfile",
+                ca,
+                "--ssl-certfile",
+                certs["server_cert"],
+                "--ssl-keyfile",
+                certs["server_key"],
+            ]
             node_security = ["--root-certificates", ca]
-        services.start("superlink", [
-            executable("flower-superlink"), *security, "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1", "--port", str(port),
-        ])
+        services.start(
+            "superlink",
+            [
+                executable("flower-superlink"),
+                *security,
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+        )
         for index, site in enumerate(sites):
-            node_config = (f"data-path={json.dumps(str(Path(site).resolve()))} "
-                           f"site-name={json.dumps(Path(site).name)}")
+            node_config = (
+                f"data-path={json.dumps(str(Path(site).resolve()))} "
+                f"site-name={json.dumps(Path(site).name)}"
+            )
             env = dict(site_env or {})
             if site_gpus:
                 env["CUDA_VISIBLE_DEVICES"] = site_gpus[index % len(site_gpus)]
-            services.start(Path(site).name, [
-                executable("flower-supernode"), *node_security,
-                "--superlink", f"127.0.0.1:{port}", "--node-config", node_config,
-                "--port", str(free_port()),
-            ], env)
+            services.start(
+                Path(site).name,
+                [
+                    executable("flower-supernode"),
+                    *node_security,
+                    "--superlink",
+                    f"127.0.0.1:{port}",
+                    "--node-config",
+                    node_config,
+                    "--port",
+                    str(free_port()),
+                ],
+                env,
+            )
         return ca
 
     _run("deployment", run_config, start)
