@@ -36,10 +36,10 @@ gpu-train:
 	bash bench/gpu_train.sh
 
 results: venv
-	$(PYTHON) -m train.study all
+	$(PYTHON) -m study all
 
 pilot: venv
-	$(PYTHON) -m train.study pilot
+	$(PYTHON) -m study pilot
 
 local-test: venv
 	test/run_local_test.sh

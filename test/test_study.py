@@ -1,17 +1,34 @@
-"""The study's data: a federation, a flat held-out test set, pooled and single-site views."""
+"""The study: its data views, the choice of cleaning on validation cases, and shipping."""
 
 import json
 
-from train import study
+import pytest
+from helpers import write_weights
+
+from model.weights import load_manifest
+from postprocess import CleaningSettings
+from study import data as study_data
+from study import postprocessing
+from study.__main__ import main
+from study.paths import StudyPaths
+from study.runs import FOLDS
 
 
-def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the study writes under work/study of the current folder
-    monkeypatch.setattr(study, "FEDERATION", {"cases": 2, "size": 32, "seed": 5, "sites": 3})
-    monkeypatch.setattr(study, "TEST_SET", {"cases": 1, "size": 32, "seed": 6, "sites": 4})
-    monkeypatch.setattr(study, "INDEPENDENT_SET", {"cases": 2, "size": 32, "seed": 7})
-    study.make_data()
-    data = tmp_path / study.DATA
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """A study root with small federations and test sets, made from another directory."""
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("elsewhere"))  # nothing depends on the cwd
+        patch.setattr(study_data, "FEDERATION", {"cases": 2, "size": 32, "seed": 5, "sites": 3})
+        patch.setattr(study_data, "TEST_SET", {"cases": 1, "size": 32, "seed": 6, "sites": 4})
+        patch.setattr(study_data, "INDEPENDENT_SET", {"cases": 2, "size": 32, "seed": 7})
+        study_data.make_data(StudyPaths.at(root))
+    return StudyPaths.at(root)
+
+
+def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tiny_study):
+    data = tiny_study.data
     pooled = sorted(p.name for p in (data / "pooled" / "pooled" / "imagesTr").iterdir())
     assert pooled == [f"site{k}_00{i}_0000.nii.gz" for k in (1, 2, 3) for i in (0, 1)]
     assert all(p.resolve().is_file() for p in (data / "pooled" / "pooled" / "labelsTr").iterdir())
@@ -26,17 +43,59 @@ def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tmp_path,
         trained = data / "federation" / f"site{k}" / "imagesTr" / name
         assert trained.read_bytes() != (data / "test" / "input" / name).read_bytes()
     # the pilot's two federations: the same sites and seeds, drawn by two generators
+    seeds = []
     for family, folder in (("randomised", "federation"), ("reference", "federation-reference")):
         meta = json.loads((data / folder / "site1" / "dataset.json").read_text())
         assert meta["phantom"]["family"] == family
+        seeds.append(meta["phantom"]["case_seeds"])
+    assert seeds[0] == seeds[1]
     independent = sorted(p.name for p in (data / "independent" / "input").iterdir())
     assert independent == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
-    test_meta = json.loads((data / "federation" / "site1" / "dataset.json").read_text())
-    assert (
-        test_meta["phantom"]["case_seeds"]
-        == json.loads((data / "federation-reference" / "site1" / "dataset.json").read_text())[
-            "phantom"
-        ]["case_seeds"]
-    )
-    study.make_data()  # a second call keeps what is there
+    study_data.make_data(tiny_study)  # a second call keeps what is there
     assert sorted(p.name for p in (data / "test" / "input").iterdir()) == test_cases
+
+
+def test_cleaning_never_trades_a_true_branch_for_dice():
+    """A candidate that gains Dice by dropping true components (lower clRe) loses to a
+    gentler one; among candidates that keep the topology, Dice decides."""
+    none, gentle, greedy = postprocessing.CANDIDATES[0], *postprocessing.CANDIDATES[6:8]
+    scores = {
+        none: {"Dice": 0.80, "clRe": 0.950},
+        gentle: {"Dice": 0.82, "clRe": 0.9495},
+        greedy: {"Dice": 0.85, "clRe": 0.930},
+    }
+    assert postprocessing.choose(scores) == gentle
+    scores[gentle]["clRe"] = 0.94
+    assert postprocessing.choose(scores) == none  # nothing else keeps the branches
+
+
+def test_postprocess_writes_its_own_file_and_ship_is_a_separate_step(tiny_study, tmp_path):
+    weights = tiny_study.weights(FOLDS)
+    write_weights(weights, folds=2, target_spacing=(0.227,) * 3, postprocess={})
+    before = (weights / "manifest.json").read_bytes()
+    main(["--root", str(tiny_study.root), "postprocess", "fold0"])
+    assert (weights / "manifest.json").read_bytes() == before  # choosing writes no manifest
+    record = json.loads(postprocessing.choice_file(tiny_study, "fold0").read_text())
+    assert record["validation_cases"] == 6  # each fold predicts only its own validation cases
+    assert len(record["candidates"]) == len(postprocessing.CANDIDATES)
+    chosen = CleaningSettings.from_dict(record["postprocess"])
+    assert chosen == postprocessing.load(tiny_study, "fold0")
+
+    destination = tmp_path / "shipped"
+    destination.mkdir()
+    (destination / "fold_7.safetensors").write_bytes(b"a fold of an older set")
+    main(["--root", str(tiny_study.root), "ship", "fold0", "--to", str(destination)])
+    shipped = load_manifest(destination)
+    assert CleaningSettings.from_dict(shipped.postprocess) == chosen
+    assert shipped.provenance["postprocess"]["rule"] == record["rule"]
+    assert sorted(p.name for p in destination.glob("fold_*")) == [
+        "fold_0.safetensors",
+        "fold_1.safetensors",
+    ]
+
+
+def test_ship_refuses_a_run_without_a_chosen_cleaning(tiny_study, tmp_path):
+    write_weights(tiny_study.weights("pooled"), folds=1, target_spacing=(0.227,) * 3)
+    with pytest.raises(FileNotFoundError, match="python -m study postprocess pooled"):
+        main(["--root", str(tiny_study.root), "ship", "pooled", "--to", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,72 @@
+"""``python -m study COMMAND``: the experiments behind the README's Results, one step each.
+
+    python -m study data                    # phantom federations and the two test sets
+    python -m study train fold0             # one run of study.runs.RUNS (resumes)
+    python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
+    python -m study evaluate                # Tables 1-3 -> results/results.md, curves
+    python -m study pilot                   # the data pilot: two narrow folds, then scores
+    python -m study all                     # data, every run, postprocess, evaluate (days)
+    python -m study ship fold0 --to weights # copy the folds and their cleaning to a folder
+
+Everything lives under ``--root`` (default ``$VESSEL_SEG_STUDY_DIR``, else the repository's
+``work/study``), whatever the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from study import postprocessing, ship, tables
+from study.data import make_data
+from study.paths import StudyPaths
+from study.runs import RUNS, train
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--root", type=Path, help="the study folder (data, runs, results)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("data")
+    commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
+    commands.add_parser("postprocess").add_argument("run", choices=sorted(RUNS))
+    commands.add_parser("evaluate")
+    commands.add_parser("pilot")
+    commands.add_parser("all")
+    shipping = commands.add_parser("ship")
+    shipping.add_argument("run", choices=sorted(RUNS))
+    shipping.add_argument("--to", type=Path, required=True, help="weights folder to write")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = StudyPaths.at(args.root)
+    if args.command in ("data", "pilot", "all"):
+        make_data(paths)
+    if args.command == "train":
+        train(paths, args.run)
+    if args.command == "pilot":
+        for run in ("pilot-reference", "pilot-randomised"):
+            train(paths, run)
+        print(tables.evaluate_pilot(paths))
+    if args.command == "all":
+        for run in RUNS:
+            if not run.startswith("pilot"):
+                train(paths, run)
+    if args.command in ("postprocess", "all"):
+        print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
+    if args.command in ("evaluate", "all"):
+        print(tables.evaluate(paths))
+    if args.command == "ship":
+        print(ship.ship(paths, args.run, args.to))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""The study's data: phantom federations, the held-out test set and the independent family.
+
+``data/federation``: three non-IID sites (site profiles a, b, c; 13 cases each at 128^3, seed
+700) of domain-randomised phantoms (``phantoms.randomised``); ``federation-reference``: the
+same sites and seeds drawn by the reference generator (for the pilot); ``test``: a held-out
+set of the reference family (seed 9000, three cases from each of sites a, b, c and three from
+site d, whose acquisition settings no training run sees); ``independent``: the independent
+family (other code, another model of anatomy and imaging, seed 4242, never trained or tuned
+on). ``pooled/`` puts every site's cases into one dataset (centralised training) and
+``siteK-alone/`` holds site K only; both link to the federation's files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from study.paths import REPOSITORY, StudyPaths
+
+FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
+TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
+INDEPENDENT_SET = {"cases": 8, "size": 128, "seed": 4242}
+EVALUATION_SETS = {"held-out": "test", "independent": "independent"}
+"""Label of each scored set -> its folder under ``data/`` (``input/`` + ``ground_truth/``)."""
+
+
+def python(*args: str) -> None:
+    """Run ``python ARGS`` from the repository in this environment; a failure stops the study."""
+    subprocess.run([sys.executable, *args], check=True, cwd=REPOSITORY)
+
+
+def phantoms(out: Path, spec: dict, *options: str) -> None:
+    """``python -m phantoms`` for ``spec`` (cases per site, cube size, seed, sites)."""
+    sites = ("--sites", str(spec["sites"])) if "sites" in spec else ()
+    size = [str(spec["size"])] * 3
+    python(
+        "-m",
+        "phantoms",
+        "--out",
+        str(out),
+        "--cases",
+        str(spec["cases"]),
+        "--size",
+        *size,
+        "--seed",
+        str(spec["seed"]),
+        *sites,
+        *options,
+    )
+
+
+def make_data(paths: StudyPaths) -> None:
+    """Write whatever of the federations, test sets and data views is missing."""
+    data = paths.data
+    federation = data / "federation"
+    if not federation.exists():
+        phantoms(federation, FEDERATION, "--family", "randomised")
+    if not (data / "federation-reference").exists():
+        phantoms(data / "federation-reference", FEDERATION, "--family", "reference")
+    if not (data / "test").exists():
+        _flat_test_set(data)
+    if not (data / "independent").exists():
+        options = ("--layout", "challenge", "--family", "independent")
+        phantoms(data / "independent", INDEPENDENT_SET, *options)
+    sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
+    _link_views(data, sites)
+
+
+def _flat_test_set(data: Path) -> None:
+    """All test sites' cases in one ``input/`` and one ``ground_truth/`` folder."""
+    staging = data / "test-sites"
+    phantoms(staging, TEST_SET, "--layout", "challenge", "--family", "reference")
+    for part in ("input", "ground_truth"):
+        (data / "test" / part).mkdir(parents=True)
+        for file in sorted(staging.glob(f"site*/{part}/*")):
+            file.rename(data / "test" / part / file.name)
+    shutil.rmtree(staging)
+
+
+def _link_views(data: Path, sites: list[Path]) -> None:
+    """``siteK-alone/siteK`` and ``pooled/pooled``: relative links to the federation."""
+    for site in sites:
+        alone = data / f"{site.name}-alone"
+        alone.mkdir(exist_ok=True)
+        if not (alone / site.name).exists():
+            (alone / site.name).symlink_to(os.path.relpath(site, alone))
+    pooled = data / "pooled" / "pooled"
+    if pooled.exists():
+        return
+    for part in ("imagesTr", "labelsTr"):
+        (pooled / part).mkdir(parents=True)
+        for site in sites:
+            for file in sorted((site / part).iterdir()):
+                (pooled / part / file.name).symlink_to(os.path.relpath(file, pooled / part))

@@ -1,0 +1,87 @@
+"""The study's trainings, one ``python -m train`` each (Flower simulation; resumable).
+
+Every run except the pilot trains the same way (:data:`COMMON`) until early stopping ends it
+(no validation gain for ``patience`` rounds), with one cap for all (:data:`MAX_ROUNDS`), so
+that the tables compare models at convergence rather than at a round count chosen per row.
+The five folds are independent: each has its own seed and its own validation split, none
+starts from another fold's model; they export into one weights folder (``runs/folds``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from study.data import python
+from study.paths import StudyPaths
+
+MAX_ROUNDS = 60
+COMMON = {
+    "patch-size": 64,
+    "base-channels": 16,
+    "learning-rate": 1e-3,
+    "local-epochs": 1,
+    "val-overlap": 0.25,
+    "patience": 5,
+}
+PILOT_ROUNDS = 10
+PILOT = (("base-channels", 8), ("patience", PILOT_ROUNDS))
+FOLDS = "folds"
+"""The run folder the five folds share (their weights merge into one manifest)."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training: the data view it reads, its fold, its round cap and setting changes."""
+
+    data: str
+    fold: int = 0
+    rounds: int = MAX_ROUNDS
+    settings: tuple[tuple[str, object], ...] = ()
+    folder: str = ""
+    """Run folder under ``runs/``; empty: the run's own name."""
+
+
+RUNS: dict[str, Run] = {
+    **{
+        f"fold{f}": Run("federation", f, settings=(("seed", 100 + f),), folder=FOLDS)
+        for f in range(5)
+    },
+    "msfe-only": Run("federation", settings=(("hsca", False),)),
+    "hsca-only": Run("federation", settings=(("msfe", False),)),
+    "pooled": Run("pooled"),
+    **{f"site{k}-alone": Run(f"site{k}-alone") for k in (1, 2, 3)},
+    "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
+    "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
+}
+
+
+def folder_of(name: str) -> str:
+    """The folder under ``runs/`` that run ``name`` trains and exports into."""
+    return RUNS[name].folder or name
+
+
+def run_config(run: Run) -> str:
+    """The ``--run-config`` string: common settings, the round cap, the run's changes."""
+    settings = {**COMMON, "num-rounds": run.rounds, **dict(run.settings)}
+    return " ".join(
+        f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()
+    )
+
+
+def train(paths: StudyPaths, name: str) -> None:
+    """Train run ``name``, resuming from its last checkpoint if it was interrupted."""
+    run, work = RUNS[name], paths.runs / folder_of(name)
+    python(
+        "-m",
+        "train",
+        "--data",
+        str(paths.data / run.data),
+        "--fold",
+        str(run.fold),
+        "--work",
+        str(work),
+        "--out",
+        str(work / "weights"),
+        "--run-config",
+        run_config(run),
+    )

@@ -1,0 +1,166 @@
+"""The README's tables, from trained runs and the cleaning chosen for the five folds.
+
+Every row is scored on the held-out set (full metrics) and on the independent family
+(:data:`study.scoring.INDEPENDENT_METRICS`), each with the cleaning that
+:mod:`study.postprocessing` chose on the five folds' validation cases.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from model.weights import load_manifest
+from phantoms.preview import mip_panel
+from postprocess import CleaningSettings
+from study import postprocessing
+from study.data import EVALUATION_SETS
+from study.paths import StudyPaths
+from study.runs import FOLDS, PILOT_ROUNDS, folder_of
+from study.scoring import case_results, cleaned, predict, score, table
+
+SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
+
+
+def scores_of(
+    paths: StudyPaths,
+    run_folder: str,
+    folds: list[int],
+    label: str,
+    settings: CleaningSettings | None,
+) -> dict:
+    """``{set label: score}`` of ``folds`` of a run folder on both evaluation sets, cleaned
+    with ``settings`` (None: uncleaned)."""
+    weights = paths.weights(run_folder)
+    result = {}
+    for set_label, folder in EVALUATION_SETS.items():
+        data = paths.data / folder
+        out = paths.results / run_folder / f"{label}-{folder}"
+        masks = predict(weights, folds, data / "input", out)
+        if settings is not None:
+            masks = cleaned(masks, settings)
+        result[set_label] = score(masks, data / "ground_truth")
+    return result
+
+
+def evaluate(paths: StudyPaths) -> str:
+    """Tables 1-3 and the shipped folds by test site -> ``results/results.{md,json}``, and the
+    training curves."""
+    settings = postprocessing.load(paths, "fold0")
+    rows: dict[str, dict | None] = {}
+    for run in SINGLE_RUNS:
+        trained = (paths.weights(run) / "manifest.json").is_file()
+        rows[run] = scores_of(paths, run, [0], "fold0", settings) if trained else None
+    folds = [entry.fold for entry in load_manifest(paths.weights(FOLDS)).folds]
+    shipped = {
+        "five-fold ensemble, with CC": scores_of(paths, FOLDS, folds, "ensemble", settings),
+        "five-fold ensemble, without CC": scores_of(paths, FOLDS, folds, "ensemble", None),
+        **{
+            f"fold {f} alone, with CC": scores_of(paths, FOLDS, [f], f"fold{f}", settings)
+            for f in folds
+        },
+    }
+    tables = {
+        "Table 1: the network's modules (fold 0, federated)": {
+            "MSFE only": rows["msfe-only"],
+            "HSCA only": rows["hsca-only"],
+            "HSCA + MSFE (fold 0)": shipped.get("fold 0 alone, with CC"),
+        },
+        "Table 2: what federation buys (full network, fold 0)": {
+            "federated (3 sites)": shipped.get("fold 0 alone, with CC"),
+            "centralised (pooled data)": rows["pooled"],
+            **{f"site {k} alone": rows[f"site{k}-alone"] for k in (1, 2, 3)},
+        },
+        "Table 3: the five folds": shipped,
+    }
+    text = "".join(f"### {title}\n\n{_both_sets(body)}\n" for title, body in tables.items())
+    text += "### Five-fold ensemble by held-out test site\n\n" + _by_site(paths, folds, settings)
+    paths.results.mkdir(parents=True, exist_ok=True)
+    (paths.results / "results.md").write_text(text)
+    (paths.results / "results.json").write_text(json.dumps(tables, indent=1) + "\n")
+    plot_curves(paths, paths.results / "training-curves.png")
+    return text
+
+
+def _both_sets(rows: dict[str, dict | None]) -> str:
+    held_out = {k: v and v["held-out"] for k, v in rows.items()}
+    independent = {k: v and v["independent"] for k, v in rows.items()}
+    return table(held_out, extra={"independent": independent})
+
+
+def _by_site(paths: StudyPaths, folds: list[int], settings: CleaningSettings) -> str:
+    masks = cleaned(paths.results / FOLDS / "ensemble-test", settings)
+    truth = paths.data / "test" / "ground_truth"
+    rows = {
+        f"test site {k}{' (unseen acquisition)' if k == 4 else ''}": score(
+            masks, truth, f"site{k}_"
+        )
+        for k in (1, 2, 3, 4)
+    }
+    return table(rows)
+
+
+def evaluate_pilot(paths: StudyPaths) -> str:
+    """Table of the pilot's two folds on both sets (with the default cleaning), and the MIPs
+    of the independent case that the randomised-data fold segments worst."""
+    rows, masks = {}, {}
+    for run in ("pilot-reference", "pilot-randomised"):
+        weights = paths.weights(folder_of(run))
+        if not (weights / "manifest.json").is_file():
+            continue
+        for set_label, folder in EVALUATION_SETS.items():
+            data = paths.data / folder
+            raw = predict(weights, [0], data / "input", paths.results / f"{run}-{folder}")
+            masks[run, folder] = cleaned(raw, CleaningSettings())
+            rows[f"{run}, {set_label}"] = score(masks[run, folder], data / "ground_truth")
+    text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
+    if ("pilot-randomised", "independent") in masks:
+        worst = _worst_case(paths, masks)
+        text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
+    paths.results.mkdir(parents=True, exist_ok=True)
+    (paths.results / "pilot.md").write_text(text)
+    return text
+
+
+def _worst_case(paths: StudyPaths, masks: dict) -> str:
+    """Draw truth and both pilots' masks of the randomised fold's worst independent case."""
+    data = paths.data / "independent"
+    results = case_results(masks["pilot-randomised", "independent"], data / "ground_truth")
+    worst = min(results, key=lambda r: r.metrics["Dice"]).case
+    panels = [(f"{worst}: truth", data / "ground_truth" / f"{worst}.nii.gz")] + [
+        (run, masks[run, "independent"] / f"{worst}.nii.gz")
+        for run in ("pilot-reference", "pilot-randomised")
+        if (run, "independent") in masks
+    ]
+    image = data / "input" / f"{worst}_0000.nii.gz"
+    mip_panel(image, panels, paths.results / "pilot-worst-independent.png")
+    return worst
+
+
+def plot_curves(paths: StudyPaths, path: Path) -> None:
+    """Train loss and validation Dice per round of the five folds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for fold in range(5):
+        state = paths.runs / FOLDS / "train" / f"fold{fold}" / "state.json"
+        if not state.exists():
+            continue
+        history = json.loads(state.read_text())["history"]
+        rounds = np.array([record["round"] for record in history])
+        loss_axis.plot(rounds, [r["train"]["loss"] for r in history], "o-", label=f"fold {fold}")
+        dice_axis.plot(
+            rounds, [r["validation"]["dice"] for r in history], "o-", label=f"fold {fold}"
+        )
+    loss_axis.set(xlabel="round", ylabel="train loss (BCE + 0.6 WBCE + 0.4 Dice)")
+    dice_axis.set(xlabel="round", ylabel="validation Dice (cases-weighted over sites)")
+    for axis in (loss_axis, dice_axis):
+        axis.grid(alpha=0.3)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
