@@ -69,7 +69,11 @@ def test_cleaning_never_trades_a_true_branch_for_dice():
     assert postprocessing.choose(scores) == none  # nothing else keeps the branches
 
 
-def test_postprocess_writes_its_own_file_and_ship_is_a_separate_step(tiny_study, tmp_path):
+def test_postprocess_writes_its_own_file_and_ship_is_a_separate_step(
+    tiny_study, tmp_path, monkeypatch
+):
+    candidates = postprocessing.CANDIDATES[:2] + postprocessing.CANDIDATES[-3:]
+    monkeypatch.setattr(postprocessing, "CANDIDATES", candidates)  # a few, to stay quick
     weights = tiny_study.weights(FOLDS)
     write_weights(weights, folds=2, target_spacing=(0.227,) * 3, postprocess={})
     before = (weights / "manifest.json").read_bytes()
