@@ -11,7 +11,9 @@ Empty masks never give NaN:
 metric                    both empty                                   exactly one empty
 ========================  ===========================================  ===================
 Dice, Re, Pr, Jaccard,    1.0                                          0.0
-VS, clDice, clRe, clPr
+VS, clDice, clRe, clPr,
+smallRe (1.0 when the truth
+has no vessel under 1 mm)
 bAHD, HD95 (mm)           0.0                                          image diagonal (mm)
 Betti0err                 0                                            components of the other
 ========================  ===========================================  ===================
@@ -22,7 +24,15 @@ Usage: ``python -m metrics.evaluate --pred DIR --gt DIR [--csv FILE] [--json FIL
 from metrics.case import DISTANCE_METRICS, METRIC_NAMES, score_case
 from metrics.distance import balanced_average_hausdorff, hd95, surface, surface_distances
 from metrics.masks import as_mask, image_diagonal
-from metrics.overlap import dice, jaccard, precision, recall, volumetric_similarity
+from metrics.overlap import (
+    dice,
+    jaccard,
+    precision,
+    recall,
+    small_vessel_recall,
+    volumetric_similarity,
+)
+from metrics.thickness import small_vessels, vessels_at_least
 from metrics.topology import ClDice, betti0_error, cldice, count_components, skeleton
 
 __all__ = [
@@ -42,7 +52,10 @@ __all__ = [
     "recall",
     "score_case",
     "skeleton",
+    "small_vessel_recall",
+    "small_vessels",
     "surface",
     "surface_distances",
+    "vessels_at_least",
     "volumetric_similarity",
 ]

@@ -14,15 +14,17 @@ from metrics.overlap import (
     jaccard_of,
     precision_of,
     recall_of,
+    small_vessel_recall_of,
     volumetric_similarity_of,
 )
 from metrics.topology import betti0_error_of, cldice_of
 
 #: Column order: the seed paper's Table 1 (Dice, Re, Pr, clDice, clRe, clPr), then the
 #: metrics its text names (Jaccard, volumetric similarity, balanced average Hausdorff),
-#: HD95 and the Betti-0 error.
+#: HD95, the Betti-0 error and the recall on small truth vessels (issue 18's Table 4).
 METRIC_NAMES: tuple[str, ...] = (
     "Dice", "Re", "Pr", "clDice", "clRe", "clPr", "Jaccard", "VS", "bAHD", "HD95", "Betti0err",
+    "smallRe",
 )  # fmt: skip
 
 #: Metrics in mm (the others are ratios in [0, 1], except the Betti-0 error, a count).
@@ -34,7 +36,8 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> di
 
     ``pred`` and ``gt`` are (z, y, x) arrays (bool, or labels where 1 is foreground),
     ``spacing`` their (z, y, x) voxel size in mm. Definitions and empty-mask values are
-    those of :mod:`metrics.overlap`, :mod:`metrics.topology` and :mod:`metrics.distance`.
+    those of :mod:`metrics.overlap`, :mod:`metrics.topology` and :mod:`metrics.distance`;
+    ``smallRe`` is :func:`metrics.overlap.small_vessel_recall`.
     """
     pair = prepare(pred, gt, spacing)
     counts = confusion(pair)
@@ -57,4 +60,5 @@ def score_case(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> di
         "bAHD": bahd,
         "HD95": hd,
         "Betti0err": float(betti0_error_of(pair)),
+        "smallRe": small_vessel_recall_of(pair),
     }

@@ -8,17 +8,22 @@ medical image segmentation: analysis, selection, and tool", BMC Medical Imaging 
 - recall (sensitivity) = TP / (TP + FN)
 - precision = TP / (TP + FP)
 - volumetric similarity VS = 1 - |FN - FP| / (2 TP + FP + FN)
+- small-vessel recall smallRe = |S ∩ G_small| / |G_small|, G_small the truth voxels whose
+  local thickness is under 1 mm (:func:`metrics.thickness.small_vessels`): the vessels a
+  site that labels only major arteries would teach a model to miss (issue 18)
 
 Empty masks: both empty gives 1.0 for every metric here; exactly one empty gives 0.0.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from metrics.masks import MaskPair, prepare, ratio
+from metrics.thickness import SMALL_VESSEL_DIAMETER_MM, small_vessels
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,17 @@ def volumetric_similarity_of(pair: MaskPair, c: Confusion) -> float:
     return 1.0 - abs(c.fn - c.fp) / (2 * c.tp + c.fp + c.fn)
 
 
+def small_vessel_recall_of(pair: MaskPair, diameter_mm: float = SMALL_VESSEL_DIAMETER_MM) -> float:
+    """Recall on the truth voxels thinner than ``diameter_mm``. The empty-mask values of the
+    other ratios; 1.0 where both masks hold vessels but the truth none that thin (nothing
+    to miss)."""
+    if pair.both_empty or pair.one_empty:
+        return 1.0 if pair.both_empty else 0.0
+    small = small_vessels(pair.gt, pair.require_spacing(), diameter_mm)
+    n_small = int(np.count_nonzero(small))
+    return float(np.count_nonzero(small & pair.pred)) / n_small if n_small else 1.0
+
+
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Dice = 2 TP / (2 TP + FP + FN) (Dice 1945; Taha & Hanbury 2015)."""
     pair = prepare(pred, gt)
@@ -91,3 +107,14 @@ def volumetric_similarity(pred: np.ndarray, gt: np.ndarray) -> float:
     """
     pair = prepare(pred, gt)
     return volumetric_similarity_of(pair, confusion(pair))
+
+
+def small_vessel_recall(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    spacing: Sequence[float],
+    diameter_mm: float = SMALL_VESSEL_DIAMETER_MM,
+) -> float:
+    """smallRe = |S ∩ G_small| / |G_small|, G_small the truth voxels of vessels narrower than
+    ``diameter_mm`` (local thickness from the truth alone, ``spacing`` (z, y, x) in mm)."""
+    return small_vessel_recall_of(prepare(pred, gt, spacing), diameter_mm)

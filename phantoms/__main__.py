@@ -12,6 +12,13 @@ container's input and the reference masks; --name renames a single case.
 --family randomised (default; training data: every structure's look drawn at random per
 case), reference (one fixed 3DRA-like look per site: the held-out test set, the sample) or
 independent (another generator, for evaluation only); see phantoms.dataset.
+
+--annotation full (default) | major | sparse, one mode for every site or one per site
+(e.g. ``--sites 3 --annotation full full major``): major labels the vessels at least
+--major-diameter-mm wide and marks the thinner ones ignore (label 2, declared in
+dataset.json); sparse labels slabs of --sparse-slab voxels along z, every --sparse-every-th
+one, and marks the rest ignore. --naive writes what was not labelled as background instead.
+The challenge layout always keeps full labels. See phantoms.annotation.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+from phantoms.annotation import ANNOTATIONS, Annotation
 from phantoms.dataset import FAMILIES, write_dataset
 
 
@@ -62,13 +70,67 @@ def build_parser() -> argparse.ArgumentParser:
         help="randomised: domain-randomised training data (default); reference: the fixed "
         "3DRA-like look; independent: another generator, for evaluation only",
     )
+    add_annotation_arguments(parser)
     return parser
+
+
+def add_annotation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--annotation",
+        choices=ANNOTATIONS,
+        nargs="+",
+        default=["full"],
+        help="how a site labels its cases, one mode for all sites or one per site: full "
+        "(default), major (vessels >= --major-diameter-mm, the thinner ones ignore) or "
+        "sparse (every --sparse-every-th slab, the rest ignore)",
+    )
+    parser.add_argument(
+        "--naive",
+        action="store_true",
+        help="write what a partial annotation did not label as background, not as ignore",
+    )
+    defaults = Annotation()
+    parser.add_argument(
+        "--major-diameter-mm",
+        type=float,
+        default=defaults.major_diameter_mm,
+        help=f"smallest labelled vessel diameter with major, mm (default "
+        f"{defaults.major_diameter_mm})",
+    )
+    parser.add_argument(
+        "--sparse-every",
+        type=int,
+        default=defaults.sparse_every,
+        help=f"sparse: label one slab in this many (default {defaults.sparse_every})",
+    )
+    parser.add_argument(
+        "--sparse-slab",
+        type=int,
+        default=defaults.sparse_slab,
+        help=f"sparse: slab thickness along z in voxels (default {defaults.sparse_slab})",
+    )
+
+
+def annotations(args: argparse.Namespace) -> list[Annotation]:
+    """One :class:`Annotation` per ``--annotation`` mode given (ValueError when invalid)."""
+    return [
+        Annotation(
+            mode,
+            args.naive and mode != "full",
+            args.major_diameter_mm,
+            args.sparse_every,
+            args.sparse_slab,
+        )
+        for mode in args.annotation
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.naive and set(args.annotation) == {"full"}:
+            raise ValueError("--naive needs --annotation major or sparse")
         roots = write_dataset(
             args.out,
             args.cases,
@@ -79,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             layout=args.layout,
             name=args.name,
             family=args.family,
+            annotation=annotations(args),
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

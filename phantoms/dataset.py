@@ -20,6 +20,11 @@ Three families of phantoms (``family``): ``randomised`` (the default, for traini
 (:mod:`phantoms.generator`, one fixed 3DRA-like look per site: the project's held-out test
 set and the bundled sample) and ``independent`` (:mod:`phantoms.independent`, other code and
 another model of anatomy and imaging, for evaluation only: never train or tune on it).
+
+A site may be partially labelled (``annotation``, one for all sites or one per site; see
+:mod:`phantoms.annotation`): its labels then mark what it did not trace as the ignore label
+(2), declared in its ``dataset.json``, or as background with ``naive``. The challenge layout
+holds test sets and their reference masks, which stay fully labelled.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from phantoms.annotation import FULL, IGNORE_LABEL, Annotation, annotate
 from phantoms.generator import check_shape, generate_case
 from phantoms.independent import generate_independent
 from phantoms.profiles import DEFAULT_PROFILE, SiteProfile, site_profile
@@ -112,6 +119,14 @@ def dataset_json(
     }
 
 
+def declare_annotation(meta: dict, annotation: Annotation, has_ignore: bool) -> dict:
+    """``meta`` with the annotation in its ``phantom`` block, and the ignore label among its
+    labels only where the written labels hold it (nnU-Net: the highest label value)."""
+    labels = {**LABELS, "ignore": IGNORE_LABEL} if has_ignore else LABELS
+    phantom = {**meta["phantom"], "annotation": annotation.record()}
+    return {**meta, "labels": labels, "phantom": phantom}
+
+
 LAYOUT_FOLDERS = {"nnunet": ("imagesTr", "labelsTr"), "challenge": ("input", "ground_truth")}
 
 
@@ -125,6 +140,7 @@ def _write_one_dataset(
     spacing: float,
     layout: str,
     family: str,
+    annotation: Annotation = FULL,
 ) -> Path:
     images, labels = (root / folder for folder in LAYOUT_FOLDERS[layout])
     planned = {f"{n}_0000{FILE_ENDING}" for n in names} | {f"{n}{FILE_ENDING}" for n in names}
@@ -134,16 +150,45 @@ def _write_one_dataset(
             raise ValueError(f"{folder}: holds other cases ({stray[0]}, ...); use an empty folder")
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
+    has_ignore = False
     for name, case in zip(names, seeds, strict=True):
         image, label = generate_family_case(family, shape, case, spacing, profile)
+        label = annotated(label, annotation)
+        has_ignore |= bool(np.any(sitk.GetArrayViewFromImage(label) == IGNORE_LABEL))
         write_image(image, images / f"{name}_0000{FILE_ENDING}")
         write_image(label, labels / f"{name}{FILE_ENDING}")
     if layout == "nnunet":
         title = "Phantom3DRA" + (f"_site{site}" if site else "")
         seed_map = dict(zip(names, seeds, strict=True))
         meta = dataset_json(title, len(names), profile, shape, spacing, seed_map, site, family)
+        meta = declare_annotation(meta, annotation, has_ignore)
         (root / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
     return root
+
+
+def annotated(label: sitk.Image, annotation: Annotation) -> sitk.Image:
+    """``label`` as a site with ``annotation`` writes it (the same image when ``full``)."""
+    if annotation.mode == "full":
+        return label
+    spacing = label.GetSpacing()[::-1]
+    array = annotate(sitk.GetArrayViewFromImage(label), spacing, annotation)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(label)
+    return out
+
+
+def site_annotations(annotation: Annotation | Sequence[Annotation], count: int) -> list[Annotation]:
+    """One annotation per dataset: the same for all, or one each (a list of ``count``)."""
+    if isinstance(annotation, Annotation):
+        return [annotation] * count
+    annotations = list(annotation)
+    if len(annotations) == 1:
+        return annotations * count
+    if len(annotations) != count:
+        raise ValueError(
+            f"give one annotation for every site or one per site ({count}), got {len(annotations)}"
+        )
+    return annotations
 
 
 def write_dataset(
@@ -158,6 +203,7 @@ def write_dataset(
     layout: str = "nnunet",
     name: str | None = None,
     family: str = "randomised",
+    annotation: Annotation | Sequence[Annotation] = FULL,
 ) -> list[Path]:
     """Write `cases` phantoms (per site) and return the dataset roots.
 
@@ -166,7 +212,9 @@ def write_dataset(
     cases `site<k>_000...`, site k made with `site_profile(k, seed)`. `layout` is "nnunet"
     (imagesTr/labelsTr/dataset.json) or "challenge" (input/ground_truth). `name` renames
     the single case of a single dataset (e.g. the bundled sample); its seed is unchanged.
-    ``family`` is one of :data:`FAMILIES` (see the module docstring).
+    ``family`` is one of :data:`FAMILIES` (see the module docstring). ``annotation``: how
+    every site labels its cases, or a list with one per site (:mod:`phantoms.annotation`);
+    the challenge layout refuses anything but full labels.
     """
     if cases < 1:
         raise ValueError(f"cases must be >= 1, got {cases}")
@@ -179,6 +227,12 @@ def write_dataset(
     if name is not None and (cases != 1 or sites is not None or not name.isidentifier()):
         raise ValueError(f"name {name!r} needs --cases 1, no sites, and letters/digits/_ only")
     shape = check_shape(tuple(shape))
+    annotations = site_annotations(annotation, sites or 1)
+    if layout == "challenge" and any(a.mode != "full" for a in annotations):
+        raise ValueError(
+            "the challenge layout holds test sets and their reference masks, which must be "
+            "fully labelled: use --annotation full (the default) with --layout challenge"
+        )
     out = Path(out_dir)
     roots = []
     for site in range(1, sites + 1) if sites else [0]:
@@ -186,7 +240,19 @@ def write_dataset(
         site_prof = site_profile(site, seed) if site else profile or DEFAULT_PROFILE
         names = [name] if name else [dataset_case_name(site, i) for i in range(cases)]
         seeds = [case_seed(seed, site, i) for i in range(cases)]
+        site_annotation = annotations[max(site, 1) - 1]
         roots.append(
-            _write_one_dataset(root, names, seeds, shape, site, site_prof, spacing, layout, family)
+            _write_one_dataset(
+                root,
+                names,
+                seeds,
+                shape,
+                site,
+                site_prof,
+                spacing,
+                layout,
+                family,
+                site_annotation,
+            )
         )
     return roots

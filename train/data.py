@@ -2,10 +2,17 @@
 
 Layout (nnU-Net v2 raw): ``imagesTr/NAME_0000.nii.gz`` (the 3DRA volume), ``labelsTr/NAME.nii.gz``
 (vessel lumen, every non-zero label), optional ``dataset.json`` whose ``file_ending`` is
-honoured. Each volume goes through :func:`inference.preprocessing.preprocess` (resampling to
-the model's spacing, percentile normalisation), the one code path shared with inference; its
-label follows onto the same grid by linear interpolation of the mask and a 0.5 threshold, as
-nnU-Net resamples segmentations (:func:`load_case`).
+honoured. Its ``labels`` may declare an ``ignore`` label as nnU-Net v2 does (the highest
+label value, e.g. ``{"background": 0, "vessel": 1, "ignore": 2}``): those voxels are neither
+vessel nor background (a site that traced only some vessels, or some slabs), and a case
+carries them as a separate ``ignore`` mask that the loss, the sampling and the validation
+skip. Where ``labels`` is declared, a label value it does not declare is refused (a forgotten
+``ignore`` would otherwise train the unlabelled voxels as vessel).
+
+Each volume goes through :func:`inference.preprocessing.preprocess` (resampling to the
+model's spacing, percentile normalisation), the one code path shared with inference; its
+label (and ignore mask) follows onto the same grid by linear interpolation of the mask and a
+0.5 threshold, as nnU-Net resamples segmentations (:func:`load_case`).
 
 A case of the SHINY-ICARUS set (512x512x400 voxels) is 0.5 GB once preprocessed (float32
 image, bool label), so a site does not hold its cases in memory. As nnU-Net preprocesses once
@@ -71,6 +78,7 @@ class Case:
     image: np.ndarray  # float32 (z, y, x), normalised
     label: np.ndarray  # bool (z, y, x), vessel lumen
     foreground: np.ndarray  # flat indices of (up to MAX_FOREGROUND_SAMPLES) vessel voxels
+    ignore: np.ndarray | None = None  # bool (z, y, x), the ignore label; None: none there
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -79,6 +87,10 @@ class Case:
     @property
     def vessel_voxels(self) -> int:
         return int(np.count_nonzero(self.label))
+
+    @property
+    def ignored_voxels(self) -> int:
+        return 0 if self.ignore is None else int(np.count_nonzero(self.ignore))
 
 
 @dataclass(eq=False, frozen=True)
@@ -92,6 +104,7 @@ class CachedCase:
     shape: tuple[int, int, int]
     vessel_voxels: int
     foreground: np.ndarray = field(repr=False)
+    ignored_voxels: int = 0
 
     @property
     def image(self) -> np.ndarray:
@@ -100,6 +113,13 @@ class CachedCase:
     @property
     def label(self) -> np.ndarray:
         return np.load(self.folder / "label.npy", mmap_mode="c")
+
+    @property
+    def ignore(self) -> np.ndarray | None:
+        """The ignore label's voxels (bool), or None where the case has none."""
+        if not self.ignored_voxels:
+            return None
+        return np.load(self.folder / "ignore.npy", mmap_mode="c")
 
 
 @dataclass
@@ -118,16 +138,73 @@ class Site:
         return [self.cases[n] for n in training], [self.cases[n] for n in validation]
 
 
-def file_ending(root: Path) -> str:
-    """``dataset.json``'s ``file_ending``, ``.nii.gz`` without one."""
+def dataset_description(root: Path) -> dict:
+    """``dataset.json`` of the dataset at ``root``, ``{}`` without one."""
     description = root / "dataset.json"
     if not description.is_file():
-        return ".nii.gz"
+        return {}
     try:
-        ending = json.loads(description.read_text()).get("file_ending", ".nii.gz")
+        value = json.loads(description.read_text())
     except json.JSONDecodeError as error:
         raise SiteDataError(f"{description}: not valid JSON ({error})") from None
-    return str(ending)
+    if not isinstance(value, dict):
+        raise SiteDataError(f"{description}: not a JSON object")
+    return value
+
+
+def file_ending(root: Path) -> str:
+    """``dataset.json``'s ``file_ending``, ``.nii.gz`` without one."""
+    return str(dataset_description(root).get("file_ending", ".nii.gz"))
+
+
+@dataclass(frozen=True)
+class LabelScheme:
+    """What a label file's values mean: ``declared`` (None: any value, every non-zero one
+    vessel, as without ``dataset.json``) and the ``ignore`` value (None: no ignore label)."""
+
+    declared: frozenset[int] | None = None
+    ignore: int | None = None
+
+    def cache_settings(self) -> dict:
+        """The part of the cache key (empty without ignore label: old entries stay valid)."""
+        return {} if self.ignore is None else {"ignore_label": self.ignore}
+
+
+def label_scheme(root: str | Path) -> LabelScheme:
+    """The labels ``dataset.json`` declares; ``ignore`` must be the highest (nnU-Net v2)."""
+    description = Path(root) / "dataset.json"
+    labels = dataset_description(Path(root)).get("labels")
+    if labels is None:
+        return LabelScheme()
+    values = list(labels.values()) if isinstance(labels, dict) else None
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise SiteDataError(f"{description}: 'labels' must map names to integer values")
+    ignore = labels.get("ignore")
+    if ignore is not None and ignore != max(values):
+        raise SiteDataError(
+            f"{description}: the ignore label ({ignore}) must be the highest label value "
+            f"({max(values)}), as nnU-Net v2 requires"
+        )
+    if ignore == 0:
+        raise SiteDataError(f"{description}: the ignore label cannot be 0 (background)")
+    return LabelScheme(frozenset(values), ignore)
+
+
+def check_label_values(label: np.ndarray, scheme: LabelScheme, path: Path) -> None:
+    """Refuse values ``dataset.json`` does not declare, naming the fix for the likely one."""
+    if scheme.declared is None:
+        return
+    undeclared = sorted(set(np.unique(label).tolist()) - scheme.declared)
+    if undeclared:
+        hint = (
+            ' (declare "ignore" in dataset.json\'s labels if these voxels are unlabelled)'
+            if scheme.ignore is None
+            else ""
+        )
+        raise SiteDataError(
+            f"{path}: label values {undeclared} are not declared in dataset.json's labels "
+            f"{sorted(scheme.declared)}{hint}"
+        )
 
 
 def list_cases(root: str | Path) -> dict[str, tuple[Path, Path]]:
@@ -150,9 +227,14 @@ def list_cases(root: str | Path) -> dict[str, tuple[Path, Path]]:
 
 
 def load_case(
-    name: str, image_path: Path, label_path: Path, spacing: tuple[float, float, float]
+    name: str,
+    image_path: Path,
+    label_path: Path,
+    spacing: tuple[float, float, float],
+    scheme: LabelScheme = LabelScheme(),
 ) -> Case:
-    """Read, resample and normalise one case as inference will (see module docstring)."""
+    """Read, resample and normalise one case as inference will (see module docstring); with
+    an ignore label in ``scheme``, its voxels go to ``Case.ignore``, never to the vessels."""
     array, geometry = read_image(image_path)
     plans = SimpleNamespace(target_spacing=spacing, normalization=DEFAULT_NORMALIZATION)
     image = preprocess(array, geometry, plans)
@@ -166,14 +248,22 @@ def load_case(
             f"{label_path}: size {label.shape[::-1]} differs from its image's "
             f"{geometry.shape[::-1]}"
         )
-    mask = label > 0
+    check_label_values(label, scheme, label_path)
+    ignore = None if scheme.ignore is None else label == scheme.ignore
+    mask = (label > 0) if ignore is None else (label > 0) & ~ignore
     if needs_resampling(geometry.spacing, spacing):
         mask = resample(mask.astype(np.float32), geometry.spacing, spacing, image.shape) >= 0.5
+        if ignore is not None:
+            ignore = resample(ignore.astype(np.float32), geometry.spacing, spacing, image.shape)
+            ignore = ignore >= 0.5
+            mask &= ~ignore
+    if ignore is not None and not ignore.any():
+        ignore = None
     foreground = np.flatnonzero(mask)
     if foreground.size > MAX_FOREGROUND_SAMPLES:
         rng = np.random.default_rng(zlib.crc32(name.encode()))
         foreground = np.sort(rng.choice(foreground, MAX_FOREGROUND_SAMPLES, replace=False))
-    return Case(name=name, image=image, label=mask, foreground=foreground)
+    return Case(name=name, image=image, label=mask, foreground=foreground, ignore=ignore)
 
 
 def default_cache_dir() -> Path:
@@ -248,14 +338,16 @@ def cache_key(
     label_path: Path,
     spacing: tuple[float, float, float],
     cache_dir: Path,
+    scheme: LabelScheme = LabelScheme(),
 ) -> str:
     """The cache entry of a case: its name (which seeds its foreground sample), the hashes of
-    its files and :func:`preprocessing_settings`."""
+    its files, :func:`preprocessing_settings` and the ignore label, if any."""
     key = {
         "name": name,
         "image": file_digest(image_path, cache_dir),
         "label": file_digest(label_path, cache_dir),
         **preprocessing_settings(spacing),
+        **scheme.cache_settings(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -266,14 +358,18 @@ def open_cached(folder: Path) -> CachedCase | None:
         description = json.loads((folder / "case.json").read_text())
         foreground = np.load(folder / "foreground.npy")
         shape = tuple(int(n) for n in description["shape"])
-        for part, dtype in (("image", np.float32), ("label", np.bool_)):
+        ignored = int(description.get("ignored_voxels", 0))
+        parts = [("image", np.float32), ("label", np.bool_)] + [("ignore", np.bool_)] * bool(
+            ignored
+        )
+        for part, dtype in parts:
             stored = np.load(folder / f"{part}.npy", mmap_mode="r")
             if stored.shape != shape or stored.dtype != dtype:
                 return None
     except (OSError, ValueError, KeyError):
         return None
     return CachedCase(
-        description["name"], folder, shape, int(description["vessel_voxels"]), foreground
+        description["name"], folder, shape, int(description["vessel_voxels"]), foreground, ignored
     )
 
 
@@ -283,16 +379,18 @@ def cache_case(
     label_path: Path,
     spacing: tuple[float, float, float],
     cache_dir: Path,
+    scheme: LabelScheme = LabelScheme(),
 ) -> CachedCase:
     """The case from the cache, preprocessed with :func:`load_case` and written there first
     when it is not (see module docstring)."""
     try:
         cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = cache_key(name, image_path, label_path, spacing, cache_dir)
+        key = cache_key(name, image_path, label_path, spacing, cache_dir, scheme)
         folder = cache_dir / "cases" / f"{name}-{key}"
         cached = open_cached(folder)
         if cached is None:
-            write_cached(load_case(name, image_path, label_path, spacing), folder, spacing)
+            case = load_case(name, image_path, label_path, spacing, scheme)
+            write_cached(case, folder, spacing)
             cached = open_cached(folder)
     except OSError as error:
         raise SiteDataError(
@@ -318,6 +416,9 @@ def write_cached(case: Case, folder: Path, spacing: tuple[float, float, float]) 
             "vessel_voxels": case.vessel_voxels,
             **preprocessing_settings(spacing),
         }
+        if case.ignore is not None:
+            np.save(staging / "ignore.npy", case.ignore)
+            description["ignored_voxels"] = case.ignored_voxels
         (staging / "case.json").write_text(json.dumps(description, indent=1))
         if folder.exists():  # a broken entry (open_cached refused it): replace it
             shutil.rmtree(folder, ignore_errors=True)
@@ -341,18 +442,27 @@ def load_site(
     (``cache_dir``, default :func:`default_cache_dir`), preprocessing the cases not yet in
     it, or, with ``in_memory``, read and held in memory (0.5 GB per 512x512x400 case)."""
     root = Path(root).resolve()
-    files = list_cases(root)
+    files, scheme = list_cases(root), label_scheme(root)
     if in_memory:
-        cases = {n: load_case(n, image, label, spacing) for n, (image, label) in files.items()}
+        cases = {
+            n: load_case(n, image, label, spacing, scheme) for n, (image, label) in files.items()
+        }
     else:
         folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         cases = {
-            n: cache_case(n, image, label, spacing, folder) for n, (image, label) in files.items()
+            n: cache_case(n, image, label, spacing, folder, scheme)
+            for n, (image, label) in files.items()
         }
     return Site(name=name or root.name, path=root, cases=cases)
 
 
 def vessel_fraction(cases: list[Case | CachedCase]) -> float:
-    """Fraction of vessel voxels in ``cases`` (for the WBCE weight)."""
-    voxels = sum(math.prod(c.shape) for c in cases)
+    """Fraction of vessel voxels among the labelled voxels of ``cases`` (for the WBCE
+    weight): the ignore label's voxels are neither vessel nor background."""
+    voxels = sum(math.prod(c.shape) - c.ignored_voxels for c in cases)
     return sum(c.vessel_voxels for c in cases) / max(voxels, 1)
+
+
+def has_ignore(cases: list[Case | CachedCase]) -> bool:
+    """True where any of ``cases`` holds ignore-label voxels (the loss must mask them)."""
+    return any(c.ignored_voxels for c in cases)

@@ -6,6 +6,11 @@ after Xie & Tu's class-balanced cross entropy; see :func:`positive_weight`) and 
 loss (Milletari et al., V-Net, 2016). The network's two-class softmax gives the vessel probability
 ``softmax(l)_1 = sigmoid(l_1 - l_0)``, so the losses take the logit difference and stay in
 the numerically stable ``*_with_logits`` form.
+
+Ignore label (nnU-Net v2): a site that traced only some vessels marks the rest with a target
+value that counts as neither vessel nor background. With ``ignore_value`` the three terms
+skip those voxels: BCE and WBCE average over the valid voxels only, the soft Dice sums over
+them only. Without it (a fully labelled site) the loss is the plain formula, unchanged.
 """
 
 from __future__ import annotations
@@ -47,13 +52,34 @@ def soft_dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: floa
 
 
 def vessel_loss(
-    logits: torch.Tensor, target: torch.Tensor, pos_weight: float, alpha: float = 0.6
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    pos_weight: float,
+    alpha: float = 0.6,
+    ignore_value: float | None = None,
 ) -> torch.Tensor:
-    """``BCE + alpha * WBCE + (1 - alpha) * Dice`` of the vessel channel; ``target`` in {0, 1}."""
+    """``BCE + alpha * WBCE + (1 - alpha) * Dice`` of the vessel channel; ``target`` in {0, 1},
+    or also ``ignore_value`` where voxels are to be skipped (see module docstring)."""
     z = vessel_logit(logits)
     target = target.to(z.dtype)
-    bce = F.binary_cross_entropy_with_logits(z, target)
     weight = torch.tensor(pos_weight, dtype=z.dtype, device=z.device)
+    if ignore_value is not None:
+        return masked_vessel_loss(z, target, weight, alpha, target != ignore_value)
+    bce = F.binary_cross_entropy_with_logits(z, target)
     wbce = F.binary_cross_entropy_with_logits(z, target, pos_weight=weight)
     dice = soft_dice_loss(torch.sigmoid(z), target)
+    return bce + alpha * wbce + (1.0 - alpha) * dice
+
+
+def masked_vessel_loss(
+    z: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, alpha: float, valid: torch.Tensor
+) -> torch.Tensor:
+    """The loss over the ``valid`` voxels only; 0 (and no gradient) where none is valid."""
+    valid = valid.to(z.dtype)
+    target = target * valid  # ignored voxels: any value in {0, 1}, their terms are zeroed
+    count = valid.sum().clamp_min(1.0)
+    bce = (F.binary_cross_entropy_with_logits(z, target, reduction="none") * valid).sum() / count
+    wbce = F.binary_cross_entropy_with_logits(z, target, pos_weight=weight, reduction="none")
+    wbce = (wbce * valid).sum() / count
+    dice = soft_dice_loss(torch.sigmoid(z) * valid, target)
     return bce + alpha * wbce + (1.0 - alpha) * dice

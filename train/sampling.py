@@ -5,7 +5,9 @@ random patches" per epoch), in random order, grouped into batches. A patch is ce
 randomly chosen vessel voxel with probability ``foreground_fraction`` (nnU-Net's
 ``oversample_foreground_percent = 0.33``: vessels fill about 1% of a 3DRA volume, so uniform
 patches would mostly show background), and placed uniformly otherwise. Volumes smaller than
-a patch are padded with 0 (the normalised low percentile) and background.
+a patch are padded with 0 (the normalised low percentile) and background. Only labelled
+vessel voxels are centres (``case.foreground``): never the ignore label's voxels, which a
+patch of a partially labelled case carries as :data:`IGNORE_TARGET` in its target.
 
 Augmentation follows nnU-Net's default probabilities (Isensee et al. 2021, Nat Methods 18:203):
 spatially, flips, right-angle rotations and, with p 0.2, a zoom by 0.7-1.4 (vessel calibres
@@ -37,6 +39,10 @@ import numpy as np
 from scipy import ndimage
 
 from train.data import CachedCase, Case
+
+IGNORE_TARGET = 2
+"""Target value of the ignore label's voxels in a patch (nnU-Net's ignore is the highest
+label); :func:`train.loss.vessel_loss` skips it, nothing else reads it as vessel."""
 
 LOADER_WORKERS_ENV = "VESSEL_SEG_LOADER_WORKERS"
 STALL_SECONDS = 600.0  # a batch takes under a second: a worker this slow is stuck
@@ -86,8 +92,10 @@ def sample_patch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``(image, label)`` patch of ``case`` (see module docstring).
 
-    With ``zoom`` != 1 a region of ``zoom * patch`` voxels is cut and resampled to ``patch``
-    (image linearly, label by linear interpolation and a 0.5 threshold).
+    The label is bool; for a case with ignore-label voxels it is uint8 with the vessels 1
+    and the ignored voxels :data:`IGNORE_TARGET`. With ``zoom`` != 1 a region of
+    ``zoom * patch`` voxels is cut and resampled to ``patch`` (image linearly, label and
+    ignore mask each by linear interpolation and a 0.5 threshold).
     """
     centre = None
     if case.foreground.size and rng.random() < foreground_fraction:
@@ -98,15 +106,31 @@ def sample_patch(
     # np.array: a patch of a memory-mapped case owns its voxels, and the map is let go.
     image = np.array(crop(case.image, origin, region), dtype=np.float32)
     label = np.array(crop(case.label, origin, region), dtype=bool)
-    if region == tuple(patch):
-        return image, label
-    factors = [p / r for p, r in zip(patch, region)]
-    image = ndimage.zoom(image, factors, order=1, output=np.float32, grid_mode=True, mode="nearest")
-    label = (
-        ndimage.zoom(label.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
-        >= 0.5
-    )
-    return image, label
+    ignore = case.ignore
+    if ignore is not None:
+        ignore = np.array(crop(ignore, origin, region), dtype=bool)
+    if region != tuple(patch):
+        factors = [p / r for p, r in zip(patch, region)]
+        image = ndimage.zoom(
+            image, factors, order=1, output=np.float32, grid_mode=True, mode="nearest"
+        )
+        label = zoom_mask(label, factors)
+        ignore = None if ignore is None else zoom_mask(ignore, factors)
+    return image, label if ignore is None else with_ignore(label, ignore)
+
+
+def zoom_mask(mask: np.ndarray, factors: list[float]) -> np.ndarray:
+    """A bool mask resampled by linear interpolation and a 0.5 threshold."""
+    zoomed = ndimage.zoom(mask.astype(np.float32), factors, order=1, grid_mode=True, mode="nearest")
+    return zoomed >= 0.5
+
+
+def with_ignore(label: np.ndarray, ignore: np.ndarray) -> np.ndarray:
+    """uint8 target: vessel 1, background 0, the ignore label's voxels :data:`IGNORE_TARGET`
+    (which wins where a resampled vessel voxel overlaps it)."""
+    target = label.astype(np.uint8)
+    target[ignore] = IGNORE_TARGET
+    return target
 
 
 def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -25,9 +25,9 @@ from metrics import cldice, dice
 from model.network import VesselUNet
 from model.weights import Manifest
 from train.config import TrainConfig
-from train.data import Case, Site, SiteDataError, vessel_fraction
+from train.data import CachedCase, Case, Site, SiteDataError, has_ignore, vessel_fraction
 from train.loss import positive_weight, vessel_loss
-from train.sampling import epoch_batches, loader_workers
+from train.sampling import IGNORE_TARGET, epoch_batches, loader_workers
 
 
 @dataclass
@@ -168,11 +168,19 @@ def predict_mask(predictor: Predictor, image: np.ndarray) -> np.ndarray:
     return predictor.mask_of(probability, geometry)[0].astype(bool)
 
 
-def validate(predictor: Predictor, cases: list[Case]) -> dict[str, float]:
-    """Mean Dice, clDice, clRe and clPr over ``cases`` (metrics on the model grid)."""
+def labelled_part(mask: np.ndarray, case: Case | CachedCase) -> np.ndarray:
+    """``mask`` without the case's ignore-label voxels: there a prediction is neither a hit
+    nor a false positive (the case's label is background there, and so is the mask now)."""
+    ignore = case.ignore
+    return mask if ignore is None else mask & ~ignore
+
+
+def validate(predictor: Predictor, cases: list[Case | CachedCase]) -> dict[str, float]:
+    """Mean Dice, clDice, clRe and clPr over ``cases`` (metrics on the model grid), each on
+    the labelled voxels only (:func:`labelled_part`)."""
     scores = {"dice": [], "cldice": [], "clre": [], "clpr": []}
     for case in cases:
-        mask = predict_mask(predictor, case.image)
+        mask = labelled_part(predict_mask(predictor, case.image), case)
         topology = cldice(mask, case.label)
         scores["dice"].append(dice(mask, case.label))
         scores["cldice"].append(topology.cldice)
@@ -222,11 +230,15 @@ def train_site(
             f"{site.path}: no vessel voxels in the training cases of fold {config.fold}"
         )
     weight = config.pos_weight or positive_weight(fraction)
+    ignore_value = IGNORE_TARGET if has_ignore(training) else None  # None: the plain loss
     net.to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     amp_dtype = autocast_dtype(config.precision, device, config.patch_size)
     results = []
-    loss_fn = lambda logits, y: vessel_loss(logits, y, weight, config.loss_alpha)  # noqa: E731
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return vessel_loss(logits, y, weight, config.loss_alpha, ignore_value)
+
     for _ in range(config.local_epochs):
         with epoch_batches(
             training,
