@@ -8,6 +8,10 @@ site d, whose acquisition settings no training run sees); ``independent``: the i
 family (other code, another model of anatomy and imaging, seed 4242, never trained or tuned
 on). ``pooled/`` puts every site's cases into one dataset (centralised training) and
 ``siteK-alone/`` holds site K only; both link to the federation's files.
+
+Table 4 (partially labelled sites): the same federation with :data:`PARTIAL_SITE` labelled
+otherwise (:data:`PARTIAL_FEDERATIONS`: ``major`` with the ignore label, the same written
+naively as background, ``sparse`` slabs), and ``federation-without-<site>`` leaving it out.
 """
 
 from __future__ import annotations
@@ -23,6 +27,13 @@ from study.paths import REPOSITORY, StudyPaths
 FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
 TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
 INDEPENDENT_SET = {"cases": 8, "size": 128, "seed": 4242}
+PARTIAL_SITE = "site3"
+"""The site that labels partially in Table 4 (small field of view, tortuous small vessels)."""
+PARTIAL_FEDERATIONS = {
+    "federation-major": ("major",),
+    "federation-major-naive": ("major", "--naive"),
+    "federation-sparse": ("sparse",),
+}
 EVALUATION_SETS = {"held-out": "test", "independent": "independent"}
 """Label of each scored set -> its folder under ``data/`` (``input/`` + ``ground_truth/``)."""
 
@@ -65,8 +76,20 @@ def make_data(paths: StudyPaths) -> None:
     if not (data / "independent").exists():
         options = ("--layout", "challenge", "--family", "independent")
         phantoms(data / "independent", INDEPENDENT_SET, *options)
+    _partial_federations(data)
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     _link_views(data, sites)
+
+
+def _partial_federations(data: Path) -> None:
+    """The federation's images again, :data:`PARTIAL_SITE` labelled as each of
+    :data:`PARTIAL_FEDERATIONS` says (same seeds: only that site's labels differ)."""
+    sites = [f"site{k}" for k in range(1, FEDERATION["sites"] + 1)]
+    for name, (mode, *naive) in PARTIAL_FEDERATIONS.items():
+        if not (data / name).exists():
+            modes = [mode if site == PARTIAL_SITE else "full" for site in sites]
+            options = ("--family", "randomised", "--annotation", *modes, *naive)
+            phantoms(data / name, FEDERATION, *options)
 
 
 def _flat_test_set(data: Path) -> None:
@@ -87,6 +110,11 @@ def _link_views(data: Path, sites: list[Path]) -> None:
         alone.mkdir(exist_ok=True)
         if not (alone / site.name).exists():
             (alone / site.name).symlink_to(os.path.relpath(site, alone))
+    without = data / f"federation-without-{PARTIAL_SITE}"
+    without.mkdir(exist_ok=True)
+    for site in sites:
+        if site.name != PARTIAL_SITE and not (without / site.name).exists():
+            (without / site.name).symlink_to(os.path.relpath(site, without))
     pooled = data / "pooled" / "pooled"
     if pooled.exists():
         return

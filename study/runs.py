@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from study.data import python
+from study.data import PARTIAL_SITE, python
 from study.paths import StudyPaths
 
 MAX_ROUNDS = 60
@@ -50,6 +50,10 @@ RUNS: dict[str, Run] = {
     "hsca-only": Run("federation", settings=(("msfe", False),)),
     "pooled": Run("pooled"),
     **{f"site{k}-alone": Run(f"site{k}-alone") for k in (1, 2, 3)},
+    **{
+        f"partial-{view}": Run(f"federation-{view}")
+        for view in ("major", "major-naive", "sparse", f"without-{PARTIAL_SITE}")
+    },
     "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
     "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
 }

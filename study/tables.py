@@ -16,12 +16,19 @@ from model.weights import load_manifest
 from phantoms.preview import mip_panel
 from postprocess import CleaningSettings
 from study import postprocessing
-from study.data import EVALUATION_SETS
+from study.data import EVALUATION_SETS, PARTIAL_SITE
 from study.paths import StudyPaths
 from study.runs import FOLDS, PILOT_ROUNDS, folder_of
 from study.scoring import case_results, cleaned, predict, score, table
 
 SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
+PARTIAL_RUNS = {
+    f"{PARTIAL_SITE} major (vessels >= 1 mm), the rest ignore": "partial-major",
+    f"{PARTIAL_SITE} major, the rest written as background (naive)": "partial-major-naive",
+    f"{PARTIAL_SITE} left out": f"partial-without-{PARTIAL_SITE}",
+    f"{PARTIAL_SITE} sparse slabs (1 in 4), the rest ignore": "partial-sparse",
+}
+TABLE4_METRICS = ("Dice", "clDice", "clRe", "smallRe")
 
 
 def scores_of(
@@ -77,11 +84,30 @@ def evaluate(paths: StudyPaths) -> str:
     }
     text = "".join(f"### {title}\n\n{_both_sets(body)}\n" for title, body in tables.items())
     text += "### Five-fold ensemble by held-out test site\n\n" + _by_site(paths, folds, settings)
+    text += "\n" + partial_labels_table(paths, settings)
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "results.md").write_text(text)
     (paths.results / "results.json").write_text(json.dumps(tables, indent=1) + "\n")
     plot_curves(paths, paths.results / "training-curves.png")
     return text
+
+
+def partial_labels_table(paths: StudyPaths, settings: CleaningSettings) -> str:
+    """Table 4: fold 0 of federations where one site labels partially, on the held-out set,
+    beside fold 0 of the fully labelled federation."""
+    truth = paths.data / "test" / "ground_truth"
+    images = paths.data / "test" / "input"
+
+    def held_out(run_folder: str, label: str) -> dict | None:
+        if not (paths.weights(run_folder) / "manifest.json").is_file():
+            return None
+        masks = predict(paths.weights(run_folder), [0], images, paths.results / run_folder / label)
+        return score(cleaned(masks, settings), truth)
+
+    rows = {"all sites fully labelled (fold 0)": held_out(FOLDS, "fold0-test")}
+    rows |= {title: held_out(run, "fold0-test") for title, run in PARTIAL_RUNS.items()}
+    title = "### Table 4: partially labelled sites (fold 0, held-out set)\n\n"
+    return title + table(rows, metrics=TABLE4_METRICS)
 
 
 def _both_sets(rows: dict[str, dict | None]) -> str:

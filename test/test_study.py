@@ -51,6 +51,17 @@ def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tiny_stud
     assert seeds[0] == seeds[1]
     independent = sorted(p.name for p in (data / "independent" / "input").iterdir())
     assert independent == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
+    # Table 4: the same images, only the partially labelled site's labels differ
+    site = study_data.PARTIAL_SITE
+    for view, ignore in (("major", True), ("major-naive", False), ("sparse", True)):
+        folder = data / f"federation-{view}"
+        labels = json.loads((folder / site / "dataset.json").read_text())["labels"]
+        assert ("ignore" in labels) == ignore, view
+        assert "ignore" not in json.loads((folder / "site1" / "dataset.json").read_text())["labels"]
+        name = f"{site}/imagesTr/{site}_000_0000.nii.gz"
+        assert (folder / name).read_bytes() == (data / "federation" / name).read_bytes()
+    without = sorted(p.name for p in (data / f"federation-without-{site}").iterdir())
+    assert without == ["site1", "site2"]
     study_data.make_data(tiny_study)  # a second call keeps what is there
     assert sorted(p.name for p in (data / "test" / "input").iterdir()) == test_cases
 
