@@ -19,6 +19,7 @@ from typing import Any
 from model.network import DOWNSAMPLING, UPSAMPLINGS, Architecture
 
 PRECISIONS = ("auto", "fp32", "bf16")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,22 @@ class TrainConfig:
     run_dir: str = "work/train"  # checkpoints: RUN_DIR/fold<f>/
     out_dir: str = "weights"  # exported fold weights and manifest.json
     sim_data_root: str = ""  # simulation only: site folders, one per simulated SuperNode
+    # Aggregation: the paper's FedAvg, or Flower's FedTrimmedAvg / FedMedian against a faulty site
+    aggregation: str = "fedavg"
+    trim_beta: float = 0.2  # trimmed-mean: fraction of sites cut at each end, per coordinate
+    # Central DP, Flower's client-side fixed clipping: each site clips its update to this L2 norm,
+    # the server adds Gaussian noise of std noise * norm / sites to the average (0 norm: off)
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 0.0
+    # Flower's SecAgg+: the server only learns the weighted sum of the sites' models
+    secagg: bool = False
+    secagg_num_shares: int = 3  # key shares per site (its neighbours in the protocol)
+    secagg_reconstruction_threshold: int = 2  # shares that rebuild a dropped site's mask
+    secagg_max_weight: float = 100.0  # at least the largest site's training cases
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.dp_clipping_norm > 0
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,8 +106,30 @@ class TrainConfig:
             problems.append(f"upsampling {self.upsampling!r} is not one of {UPSAMPLINGS}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        problems += self._aggregation_problems()
         if problems:
             raise ValueError("invalid training configuration: " + "; ".join(problems))
+
+    def _aggregation_problems(self) -> list[str]:
+        problems = []
+        if self.aggregation not in AGGREGATIONS:
+            problems.append(f"aggregation {self.aggregation!r} is not one of {AGGREGATIONS}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            problems.append("trim-beta must lie in [0, 0.5)")
+        if self.dp_noise_multiplier < 0 or self.dp_clipping_norm < 0:
+            problems.append("dp-noise-multiplier and dp-clipping-norm must not be negative")
+        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm == 0:
+            problems.append("dp-noise-multiplier needs a dp-clipping-norm")
+        # DP noise is calibrated to a mean of clipped updates; SecAgg+ reveals only the sum
+        if (self.differential_privacy or self.secagg) and self.aggregation != "fedavg":
+            problems.append("dp-clipping-norm and secagg need aggregation = 'fedavg'")
+        if self.secagg_num_shares < 3:
+            problems.append("secagg-num-shares must be at least 3")
+        if not 2 <= self.secagg_reconstruction_threshold < self.secagg_num_shares:
+            problems.append("secagg-reconstruction-threshold must lie in [2, secagg-num-shares)")
+        if self.secagg_max_weight <= 0:
+            problems.append("secagg-max-weight must be positive")
+        return problems
 
     @property
     def architecture(self) -> Architecture:

@@ -20,8 +20,13 @@ from pathlib import Path
 import flwr
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.server.compat import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
@@ -29,7 +34,14 @@ from model.network import VesselUNet
 from train.checkpoint import RunState, contiguous, fold_dir, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, site_config
 from train.export import export_fold
-from train.strategy import SITE_KEY, WEIGHT_KEY, RobustFedAvg, site_name
+from train.strategy import (
+    SITE_KEY,
+    WEIGHT_KEY,
+    SecAggPlusBridge,
+    build_strategy,
+    guard,
+    site_name,
+)
 
 log = logging.getLogger("flwr").getChild("train")
 VALIDATION_KEYS = ("dice", "cldice", "clre", "clpr")
@@ -89,13 +101,46 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
         answered.add(node)
         if reply.has_error():
             problems.append(f"{names.get(node, f'node {node}')}: {reply.error.reason[:200]}")
-    silent = [names.get(node, f"node {node}") for node in asked.values() if node not in answered]
+    nodes = dict.fromkeys(m.metadata.dst_node_id for m in messages)  # in order, once each
+    silent = [names.get(node, f"node {node}") for node in nodes if node not in answered]
     return problems + [f"{name} did not reply within round-timeout" for name in silent]
+
+
+def send_training(
+    grid: Grid, strategy: Strategy, config: TrainConfig, server_round: int, arrays: ArrayRecord
+) -> tuple[list[Message], list[Message]]:
+    """Ask the sites to train from ``arrays``; the messages sent and the sites' replies."""
+    settings = ConfigRecord(site_config(config))
+    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
+    return messages, list(grid.send_and_receive(messages, timeout=config.round_timeout))
+
+
+def secure_training(
+    grid: Grid, strategy: Strategy, config: TrainConfig, server_round: int, arrays: ArrayRecord
+) -> tuple[list[Message], list[Message]]:
+    """The same through Flower's SecAgg+: each reply carries the site's metrics and the
+    securely aggregated model, never the site's own (see :class:`SecAggPlusBridge`)."""
+    settings = ConfigRecord(site_config(config))
+    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
+    bridge = SecAggPlusBridge(messages, grid)
+    context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=bridge)
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
+        {WorkflowKey.CURRENT_ROUND: server_round}
+    )
+    context.state.array_records[MAIN_PARAMS_RECORD] = arrays
+    workflow = SecAggPlusWorkflow(
+        num_shares=config.secagg_num_shares,
+        reconstruction_threshold=config.secagg_reconstruction_threshold,
+        max_weight=config.secagg_max_weight,
+        timeout=config.round_timeout,
+    )
+    workflow(grid, context)
+    return messages, bridge.replies
 
 
 def play_round(
     grid: Grid,
-    strategy: RobustFedAvg,
+    strategy: Strategy,
     config: TrainConfig,
     server_round: int,
     arrays: dict[str, np.ndarray],
@@ -103,10 +148,8 @@ def play_round(
     """One FedAvg round and its validation; returns the new global model and the round's record."""
     start = time.monotonic()
     settings = site_config(config)
-    messages = list(
-        strategy.configure_train(server_round, to_record(arrays), ConfigRecord(settings), grid)
-    )
-    replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    train = secure_training if config.secagg else send_training
+    messages, replies = train(grid, strategy, config, server_round, to_record(arrays))
     trained = time.monotonic()
     averaged, train_metrics = strategy.aggregate_train(server_round, replies)
     if averaged is None:
@@ -123,14 +166,14 @@ def play_round(
         "train": {
             "sites": site_reports(replies, ("train-loss", "train-seconds", "site-seconds")),
             "loss": float(train_metrics["train-loss"]) if train_metrics else None,
-            "left_out": dict(strategy.left_out),
-            "failures": failures(messages, replies, strategy.names),
+            "left_out": dict(guard(strategy).left_out),
+            "failures": failures(messages, replies, guard(strategy).names),
             "seconds": trained - start,
         },
         "validation": {
             "sites": site_reports(scores, SITE_VALIDATION_KEYS),
             **({k: float(validation[k]) for k in VALIDATION_KEYS} if validation else {}),
-            "failures": failures(evaluations, scores, strategy.names),
+            "failures": failures(evaluations, scores, guard(strategy).names),
             "seconds": time.monotonic() - trained,
         },
         "seconds": time.monotonic() - start,
@@ -194,8 +237,27 @@ def provenance(state: RunState, config: TrainConfig) -> dict:
         "learning_rate": config.learning_rate,
         "loss": f"BCE + {config.loss_alpha:g} WBCE + {1 - config.loss_alpha:g} Dice",
         "precision": config.precision,
+        **aggregation_provenance(config),
         "exported": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def aggregation_provenance(config: TrainConfig) -> dict:
+    """How the sites' models were combined, where it is not the paper's plain FedAvg."""
+    entries: dict = {}
+    if config.aggregation != "fedavg":
+        beta = f" (beta {config.trim_beta:g})" if config.aggregation == "trimmed-mean" else ""
+        entries["aggregation"] = config.aggregation + beta
+    if config.differential_privacy:
+        entries["differential_privacy"] = {
+            "mechanism": "Flower client-side fixed clipping, Gaussian noise on the aggregate",
+            "clipping_norm": config.dp_clipping_norm,
+            "noise_multiplier": config.dp_noise_multiplier,
+            "sites": config.wait_for_sites,
+        }
+    if config.secagg:
+        entries["secure_aggregation"] = "Flower SecAgg+"
+    return entries
 
 
 def run_training(grid: Grid, config: TrainConfig) -> RunState:
@@ -208,12 +270,7 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
     else:
         state, arrays, best = saved
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
-    strategy = RobustFedAvg(
-        wait_for_nodes=config.wait_for_sites,
-        min_available_nodes=config.min_sites,
-        min_train_nodes=config.min_sites,
-        min_evaluate_nodes=config.min_sites,
-    )
+    strategy = build_strategy(config)
     while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
         arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
         improved = update_state(state, record)
