@@ -23,6 +23,8 @@ COMMON = {
     "val-overlap": 0.25,
     "patience": 5,
 }
+DP_ROW = (("dp-clipping-norm", 10.0), ("dp-noise-multiplier", 0.5))
+"""Table 4's private row: noise of std 0.5 x 10 / 3 sites on the averaged update."""
 PILOT_ROUNDS = 10
 PILOT = (("base-channels", 8), ("patience", PILOT_ROUNDS))
 FOLDS = "folds"
@@ -54,6 +56,7 @@ RUNS: dict[str, Run] = {
         f"partial-{view}": Run(f"federation-{view}")
         for view in ("major", "major-naive", "sparse", f"without-{PARTIAL_SITE}")
     },
+    "fedavg-dp": Run("federation", settings=DP_ROW),
     "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
     "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
 }

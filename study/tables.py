@@ -27,6 +27,7 @@ PARTIAL_RUNS = {
     f"{PARTIAL_SITE} major, the rest written as background (naive)": "partial-major-naive",
     f"{PARTIAL_SITE} left out": f"partial-without-{PARTIAL_SITE}",
     f"{PARTIAL_SITE} sparse slabs (1 in 4), the rest ignore": "partial-sparse",
+    "all fully labelled, FedAvg with DP (clipping 10, noise multiplier 0.5)": "fedavg-dp",
 }
 TABLE4_METRICS = ("Dice", "clDice", "clRe", "smallRe")
 

@@ -84,6 +84,7 @@ def update_norm(model: dict, sent: dict) -> float:
 
 def assert_trained_and_improved(state: dict) -> None:
     history = state["history"]
+    print("train loss per round:", [round(r["train"]["loss"], 4) for r in history])  # README
     assert len(history) == TINY["num-rounds"]
     for record in history:
         assert sorted(record["train"]["sites"]) == ["site1", "site2", "site3"], record["train"]
