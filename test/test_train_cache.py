@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 import train.data
+from train import sampling
 from train.config import TrainConfig
 from train.data import CachedCase, Case, SiteDataError, list_cases, load_site
 from train.sampling import LoaderError, epoch_batches, sample_patch
@@ -177,3 +178,13 @@ def test_a_round_trains_the_same_with_background_workers(site_root, tmp_path, on
         assert cases == 3 and result.steps == 3
         states.append(net.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_loader_workers_follow_the_cpus_this_process_may_use(monkeypatch):
+    """Half the usable CPUs, the cgroup quota (docker --cpus) included, between 1 and 4."""
+    monkeypatch.delenv(sampling.LOADER_WORKERS_ENV, raising=False)
+    for cpus, workers in ((1, 1), (2, 1), (6, 3), (32, 4)):
+        monkeypatch.setattr(sampling, "available_cpus", lambda cpus=cpus: cpus)
+        assert sampling.loader_workers() == workers
+    monkeypatch.setenv(sampling.LOADER_WORKERS_ENV, "0")
+    assert sampling.loader_workers() == 0

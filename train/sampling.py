@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from inference.backend_base import available_cpus
 from train.data import CachedCase, Case
 
 IGNORE_TARGET = 2
@@ -265,7 +266,7 @@ class Batches:
 
 def loader_workers() -> int:
     """Background patch workers per site: ``$VESSEL_SEG_LOADER_WORKERS``, else half the CPUs
-    this process may use (at most 4, at least 1)."""
+    this process may use, its cgroup quota included (at most 4, at least 1)."""
     value = os.environ.get(LOADER_WORKERS_ENV, "").strip()
     if value:
         try:
@@ -275,8 +276,7 @@ def loader_workers() -> int:
         if workers < 0:
             raise ValueError(f"{LOADER_WORKERS_ENV} must be 0 (no workers) or more")
         return workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(4, (cpus or 1) // 2))
+    return max(1, min(4, available_cpus() // 2))
 
 
 def _worker(
