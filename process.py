@@ -36,7 +36,6 @@ from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract'
     PROBABILITIES,
     RESULTS,
     InputsError,
-    Pacer,
     Report,
     find_cases,
     remove_leftovers,
@@ -50,6 +49,7 @@ from inference.io import (
     quiet_itk,
 )
 from inference.naming import CHANNEL_SUFFIX, SUPPORTED_SUFFIXES
+from inference.pacing import Pacer
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_DIR = Path(os.environ.get("VESSEL_SEG_MODEL_DIR", "/opt/ml/model"))  # Grand Challenge

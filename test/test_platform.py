@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from helpers import tube_volume, write_weights
 
 import process
-from inference.cases import TenthLines
+from inference.pacing import TenthLines
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = ["--backend", "torch", "--device", "cpu"]

@@ -462,7 +462,7 @@ def test_a_time_limit_drops_tta_and_the_report_says_so(tmp_path, weights, capsys
 def test_an_mra_is_bounded_from_its_header_and_estimated_before_it_runs(tmp_path, capsys):
     """A contrast MRA (0.88 x 0.88 x 1.5 mm) at the shipped 0.227 mm: a whole head exceeds the
     voxel bound before a voxel is read; a smaller field of view announces its cost."""
-    from inference.cases import CaseResult, Pacer
+    from inference.pacing import Pacer
     from inference.predictor import Predictor, PredictorSettings
     from inference.preprocessing import Geometry
 
@@ -476,9 +476,8 @@ def test_an_mra_is_bounded_from_its_header_and_estimated_before_it_runs(tmp_path
     with pytest.raises(InputError, match="exceed"):
         read_image(head, lambda header: predictor.check(header, head))
     geometry = Geometry((40, 96, 96), (1.5, 0.88, 0.88), (0.0,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    result = CaseResult("mra.nii", None, "ok", None, 0, "cpu", "torch")
     with Pacer(predictor) as pacer:
-        pacer.plan(geometry, Path("mra.nii"), result)
+        result = pacer.plan(geometry, Path("mra.nii"))
     line = capsys.readouterr().err.strip()
     assert re.match(r"mra.nii: \d+ windows x 1 folds x 1 mirrors = \d+ passes, about \d+", line)
     assert result.windows > 1000 and result.estimated_seconds > 10
