@@ -89,6 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="CUDA: deterministic algorithms, no cuDNN autotuning (env VESSEL_SEG_DETERMINISTIC);"
         " the CPU path is deterministic always",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "f32", "int8"),
+        default=os.environ.get("VESSEL_SEG_PRECISION", "auto"),
+        help="OpenVINO (CPU) arithmetic; int8 needs a VNNI/AMX CPU and prepared int8 models "
+        "(env VESSEL_SEG_PRECISION)",
+    )
     args = parser.parse_args(argv)
     args.weights_source = "option" if args.weights else None
     if args.weights is None:
@@ -135,6 +142,7 @@ def load_predictor(args: argparse.Namespace):
         tta=args.tta,
         postprocess=not args.no_postprocess,
         deterministic=args.deterministic,
+        precision=args.precision,
     )
     return Predictor(args.weights, settings)
 
@@ -161,6 +169,7 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
     report.data.update(
         device=predictor.backend.device,
         backend=predictor.backend.name,
+        precision=predictor.backend.precision,
         folds=predictor.folds,
         weights={"path": str(args.weights), "source": args.weights_source},
         deterministic=args.deterministic,

@@ -1,21 +1,34 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one run on a GPU machine:
-#   1. test/test_cuda.py (skipped on machines without CUDA);
-#   2. bench_inference.py --device cuda on a 256^3 phantom: baseline A (MONAI, eager fp32 on the
-#      GPU) against the project's CUDA pipeline and its network passes alone;
-#   3. the project alone on a 400x512x512 phantom (the size of a clinical 3DRA volume): seconds
-#      and peak GPU memory.
-# Uses the shipped weights when weights/ holds --folds of them, else fitted random folds of the
-# same architecture (timings do not depend on the weights' values). Results go to $OUT (else
-# build/gpu): gpu.log (everything printed) and one JSON file per benchmark.
-#   bash bench/gpu_checks.sh [--folds 5] [--quick]    # --quick: steps 1 and 2 only
-# The windows per call (--batch-size of bench_inference.py) were chosen by a sweep on an H200;
-# see inference/torch_backend.py.
+# The checks that need a CUDA GPU, as one run on a GPU machine that has Python and torch:
+#   0. the packages: the machine's own where present, else the carried wheels ($WHEELS, default
+#      shared/wheels), else PyPI when reachable (the pins of requirements*.txt);
+#   1. test/test_cuda.py;
+#   2. bench_inference.py --device cuda on one $SHAPE phantom (400x512x512, a clinical 3DRA
+#      volume), $FOLDS folds (5), overlap 0.5, --tune: baseline A (MONAI, eager fp32, the
+#      reference row), A' (MONAI warmed up, cuDNN autotuned, bf16 autocast (fp16 on pre-Ampere
+#      GPUs), channels-last, the best sw_batch_size of 4/8/16/32), the project's CUDA
+#      pipeline and its network passes alone; seconds, ratios, mask Dice, peak GPU memory;
+#   3. (not with --quick) a folder of $CASES (4) such phantoms end to end: A' at its best
+#      sw_batch_size from step 2, the project through process.py's folder path, and the
+#      network alone, so that the end-to-end / network ratio shows any CPU work the GPU waits on;
+#   4. the summary: the targets (project >= 2x A', end to end <= 1.15x the network alone,
+#      peak GPU memory <= 12 GB) and a T4 estimate from the measured FLOP rate.
+# Every contender is set up and warmed up (one untimed pass over the first case) before its
+# timed run. Uses the shipped weights when weights/ holds $FOLDS of them, else fitted random
+# folds of the same architecture (timings do not depend on the weights' values). Results go to
+# $OUT (else build/gpu): gpu.log (everything printed) and one JSON file per benchmark.
+#   bash bench/gpu_checks.sh                    # about 15-20 min on an H200
+#   bash bench/gpu_checks.sh --quick            # steps 0-2 and 4
+# CPU dry run of the plumbing (no A'; B instead):
+#   DEVICE=cpu SHAPE="64 64 64" CASES=2 FOLDS=1 bash bench/gpu_checks.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/gpu}
 python=${PYTHON:-python3}
-folds=5
+device=${DEVICE:-cuda}
+shape=${SHAPE:-400 512 512}
+cases=${CASES:-4}
+folds=${FOLDS:-5}
 quick=0
 while (($#)); do
     case $1 in
@@ -25,16 +38,86 @@ while (($#)); do
     esac
 done
 mkdir -p "$out"
-work=$(mktemp -d)
+out=$(cd "$out" && pwd)
+work=${WORK:-$(mktemp -d)}
 exec > >(tee -a "$out/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
-bench() { "$python" bench/bench_inference.py --device cuda --folds "$folds" --patch 48 "$@"; }
+name=$(echo "$shape" | tr ' ' x)
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-"$python" -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
+# 0. Packages: the machine's own where present, else the carried wheels, else PyPI.
+needed="torch numpy scipy SimpleITK safetensors cc3d tqdm monai skimage PIL pytest"
+if ! "$python" -c "import $(echo $needed | tr ' ' ',')" 2>/dev/null; then
+    wheels=${WHEELS:-shared/wheels}
+    if compgen -G "$wheels/*.whl" >/dev/null; then
+        "$python" -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl || exit 2
+    else
+        pins=$(grep -hE '^(numpy|scipy|SimpleITK|safetensors|connected-components-3d|tqdm|monai|scikit-image|pytest)==' \
+            requirements.txt requirements-train.txt)
+        # shellcheck disable=SC2086  # one argument per pin
+        "$python" -m pip install --quiet $pins pillow || {
+            echo "gpu_checks.sh: missing packages ($needed), no wheels in $wheels, no PyPI" >&2
+            exit 2
+        }
+    fi
+fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$python" -c 'import torch; print("torch", torch.__version__, "CUDA:",
+    torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
+bench() { "$python" bench/bench_inference.py --device "$device" --folds "$folds" --patch 48 "$@"; }
+
+# 1. The CUDA tests.
 "$python" -m pytest -q -p no:cacheprovider test/test_cuda.py
-bench --size 256 --sw-batch-size 32 --workdir "$work/256" | tee "$out/bench_256.json"
-((quick)) && exit 0
-weights=$("$python" -c 'import json, sys; print(json.load(sys.stdin)["weights"])' <"$out/bench_256.json")
-bench --shape 400 512 512 --weights "$weights" --only project network_only \
-    | tee "$out/bench_400x512x512.json"
+
+# 2. One volume: A, A' tuned, the project, the network alone.
+# shellcheck disable=SC2086  # $shape is three numbers
+bench --shape $shape --cases 1 --tune --workdir "$work/one" | tee "$out/bench_$name.json" || exit 3
+best=$("$python" -c 'import json, sys
+rows = json.load(sys.stdin)
+print(rows.get("monai_torch_tuned", rows.get("monai_openvino", {})).get("sw_batch_size", 16))' \
+    <"$out/bench_$name.json")
+weights=$("$python" -c 'import json, sys; print(json.load(sys.stdin)["weights"])' <"$out/bench_$name.json")
+
+# 3. A folder of cases end to end.
+reports=("$out/bench_$name.json")
+if ((!quick)); then
+    tuned=monai_torch_tuned
+    [[ $device == cpu ]] && tuned=monai_openvino
+    # shellcheck disable=SC2086
+    bench --shape $shape --cases "$cases" --weights "$weights" --sw-batch-size "$best" \
+        --only "$tuned" project network_only --workdir "$work/folder" \
+        | tee "$out/bench_${name}_cases$cases.json" || exit 3
+    reports+=("$out/bench_${name}_cases$cases.json")
+fi
+
+# 4. The summary against the targets, and a T4 estimate.
+"$python" - "${reports[@]}" <<'EOF' | tee "$out/summary.json"
+import json, sys
+
+from inference.sliding_window import WindowPlan
+
+GFLOP_PER_WINDOW = 116e3 * 48**3 / 1e9  # the shipped network: 116 kFLOP per voxel, 48^3 windows
+T4_TFLOPS = 65.0  # T4 fp16 tensor-core peak; the estimate assumes the same fraction of peak
+H200_TFLOPS = 989.0  # H200 dense bf16 peak (a different GPU: scale by its own peak)
+summary = {}
+for path in sys.argv[1:]:
+    rows = json.load(open(path))
+    shape = tuple(int(s) for s in rows["volume"].split("x"))
+    windows = len(WindowPlan.create([max(s, 48) for s in shape], (48, 48, 48), 0.5))
+    network = rows.get("network_only", {}).get("seconds")
+    flop = windows * rows["folds"] * rows["cases"] * GFLOP_PER_WINDOW * 1e9
+    entry = {"volume": rows["volume"], "cases": rows["cases"], **rows.get("ratios", {})}
+    entry["peak_gpu_mb"] = {k: v.get("peak_gpu_mb") for k, v in rows.items()
+                            if isinstance(v, dict) and "peak_gpu_mb" in v}
+    if network:
+        tflops = flop / network / 1e12
+        entry["network_tflops"] = tflops
+        entry["t4_estimate_network_s_per_case"] = (
+            flop / rows["cases"] / (tflops / H200_TFLOPS * T4_TFLOPS) / 1e12)
+    entry["targets"] = {
+        "project_over_a_tuned >= 2": entry.get("project_over_a_tuned", 0) >= 2,
+        "end_to_end_over_network_only <= 1.15": entry.get("end_to_end_over_network_only", 9) <= 1.15,
+        "peak_gpu_mb <= 12288": all((v or 0) <= 12288 for v in entry["peak_gpu_mb"].values()),
+    }
+    summary[path.rsplit("/", 1)[-1]] = entry
+print(json.dumps(summary, indent=1))
+EOF

@@ -13,6 +13,7 @@ implementations:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -68,9 +69,13 @@ def create_backend(
     ir_dirs: Sequence[Path] = (),
     batch_size: int | None = None,
     deterministic: bool = False,
+    precision: str = "auto",
+    manifest=None,
 ) -> Backend:
     """The backend for ``nets`` (one per fold; ``fold_hashes`` are their weight files' sha256,
-    which key the OpenVINO model cache; ``ir_dirs`` hold prepared OpenVINO models)."""
+    which key the OpenVINO model cache; ``ir_dirs`` hold prepared OpenVINO models).
+    ``precision``: the OpenVINO backend's (``auto``, ``bf16``, ``f32``, ``int8``; ``manifest``
+    for int8's calibration); torch keeps its own (bf16/fp16 autocast on CUDA, fp32 on CPU)."""
     if backend == "openvino" and device == "auto":
         device = "cpu"  # asking for OpenVINO is asking for the CPU
     device = resolve_device(device)
@@ -78,5 +83,9 @@ def create_backend(
     if backend == "openvino":  # imported here: OpenVINO is optional (eager torch without it)
         from inference.openvino_backend import OpenVINOBackend
 
-        return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs)
+        return OpenVINOBackend(
+            nets, fold_hashes, patch, ir_dirs=ir_dirs, precision=precision, manifest=manifest
+        )
+    if precision not in ("auto", None):
+        warnings.warn(f"precision {precision!r} applies to the OpenVINO backend only", stacklevel=2)
     return TorchBackend(nets, device, patch, batch_size=batch_size, deterministic=deterministic)

@@ -12,11 +12,19 @@ Compilation uses every available core (``INFERENCE_NUM_THREADS``), bf16 where th
 it in ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16, AMX) and f32 elsewhere, and the
 ``THROUGHPUT`` hint: several streams each run a window while a finished one is stitched, so
 the cores never wait for Python.
+
+int8 (``precision="int8"``, an option): each fold post-training quantised by NNCF
+(:func:`quantize`), calibrated on phantom windows; its head, its attention gates and the layers
+NNCF's accuracy control finds costly stay in bf16/f32. The int8 IR is made at build time
+(``python -m inference.openvino_backend WEIGHTS --int8``, which needs ``nncf`` and
+``phantoms``) and read at run time by OpenVINO alone; it runs only where the CPU has int8 dot
+products (:func:`int8_supported`), else bf16/f32 with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import tempfile
@@ -30,11 +38,21 @@ import openvino as ov
 import torch
 from torch import nn
 
-from inference.backend_base import IR_FOLDER, Progress, VesselProbability, inference_threads
+from inference.backend_base import (
+    IR_FOLDER,
+    BackendError,
+    Progress,
+    VesselProbability,
+    inference_threads,
+)
 from inference.sliding_window import WindowPlan, normalize_in_place
 from inference.thin_conv import with_blocked_spatial_convs
 
 IR_FORMAT = "vp2"  # bump when VesselProbability or the conversion changes
+INT8_FORMAT = "q1"  # bump when the calibration or the ignored layers change
+INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products in hardware
+PRECISIONS = ("auto", "bf16", "f32", "int8")
+CALIBRATION_SEED = 90_000  # phantoms never used for evaluation (those start at 0)
 CACHE_ENV = "VESSEL_SEG_CACHE"
 MAX_STREAMS = 4  # each stream holds a window's activations: bound the memory on many-core CPUs
 # Patches up to this many voxels keep every fold compiled for the backend's lifetime: a compiled
@@ -59,6 +77,26 @@ def ir_name(fold_hash: str, patch: Sequence[int]) -> str:
     return f"{fold_hash[:24]}-{shape}-ov{version}-{IR_FORMAT}.xml"
 
 
+def int8_ir_name(fold_hash: str, patch: Sequence[int]) -> str:
+    return ir_name(fold_hash, patch).replace(".xml", f"-int8{INT8_FORMAT}.xml")
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_supported(flags: set[str] | None = None) -> bool:
+    """Whether the CPU multiplies int8 natively (VNNI or AMX): elsewhere int8 emulation loses
+    to bf16/f32."""
+    return bool(set(INT8_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
+
+
 def convert(net: nn.Module, patch: Sequence[int]) -> ov.Model:
     """The fold as an OpenVINO model of static shape ``(1, 1, *patch)`` -> ``(1, *patch)``, its
     spatial-attention convolutions in the CPU-friendly blocked form (same result)."""
@@ -72,12 +110,13 @@ def convert(net: nn.Module, patch: Sequence[int]) -> ov.Model:
     return model
 
 
-def save_ir(model: ov.Model, path: Path) -> None:
-    """Write the IR beside temporary names, then rename (.bin first): readers never see half."""
+def save_ir(model: ov.Model, path: Path, compress: bool = True) -> None:
+    """Write the IR beside temporary names, then rename (.bin first): readers never see half.
+    ``compress``: fp16 weights (lossless for fp16 weights; an int8 model's are int8 already)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{os.getpid()}.{threading.get_ident()}.{path.name}")
     try:
-        ov.save_model(model, temporary, compress_to_fp16=True)  # weights ship in fp16: lossless
+        ov.save_model(model, temporary, compress_to_fp16=compress)
         os.replace(temporary.with_suffix(".bin"), path.with_suffix(".bin"))
         os.replace(temporary, path)
     finally:
@@ -123,6 +162,140 @@ def fp16_constants(model: ov.Model) -> ov.Model:
     return model
 
 
+def calibration_windows(manifest, count: int = 64, seed: int = CALIBRATION_SEED) -> list:
+    """``count`` windows ``(1, 1, *patch)`` of phantoms (``phantoms.generate_case``) preprocessed
+    as a case is: the activation ranges int8 must cover. Half are centred on vessels (the rare,
+    bright voxels that set the ranges), half anywhere."""
+    import SimpleITK as sitk
+
+    from inference.preprocessing import Geometry, preprocess
+    from phantoms import generate_case
+
+    patch = np.array(manifest.patch_size)
+    rng = np.random.default_rng(seed)
+    windows, case = [], 0
+    while len(windows) < count:
+        shape = tuple(int(p) for p in 2 * patch)  # drawn at the model's spacing: no resampling
+        image, label = generate_case(shape, seed=seed + case, spacing=min(manifest.target_spacing))
+        array = sitk.GetArrayFromImage(image).astype(np.float32)
+        volume = preprocess(array, Geometry.of(image), manifest)
+        vessels = np.argwhere(sitk.GetArrayFromImage(label) > 0)
+        for k in range(min(8, count - len(windows))):
+            centre = vessels[rng.integers(len(vessels))] if k % 2 else rng.integers(volume.shape)
+            start = np.clip(centre - patch // 2, 0, np.array(volume.shape) - patch)
+            box = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            windows.append(np.ascontiguousarray(volume[box])[None, None])
+        case += 1
+    return windows
+
+
+def check_windows(manifest) -> list:
+    """Windows for the accuracy control of :func:`quantize`, from other phantoms."""
+    return calibration_windows(manifest, count=16, seed=CALIBRATION_SEED + 1000)
+
+
+def int8_ignored_scope(model: ov.Model):
+    """Layers kept in bf16/f32: the head (its output is thresholded at 0.5) and every
+    convolution that feeds a sigmoid gate (HSCA's channel and spatial attention multiply whole
+    feature maps: their error would spread everywhere). They are about 1 % of the FLOPs."""
+    import nncf
+
+    passthrough = {"Reshape", "Transpose", "Add", "Concat", "Relu", "ReduceMean", "ReduceMax"}
+
+    def feeds_sigmoid(op, depth: int = 0) -> bool:
+        for target in op.output(0).get_target_inputs():
+            node = target.get_node()
+            if node.get_type_name() == "Sigmoid":
+                return True
+            if depth < 4 and node.get_type_name() in passthrough and feeds_sigmoid(node, depth + 1):
+                return True
+        return False
+
+    convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    names = {convolutions[-1].get_friendly_name()}  # the head
+    names |= {op.get_friendly_name() for op in convolutions if feeds_sigmoid(op)}
+    return nncf.IgnoredScope(names=sorted(names))
+
+
+def quantize(
+    model: ov.Model,
+    windows: Sequence[np.ndarray],
+    checks: Sequence[np.ndarray] = (),
+    max_drop: float = 0.003,
+) -> ov.Model:
+    """The model with int8 convolutions (NNCF post-training quantisation: per-channel
+    symmetric weights, asymmetric activations with ranges from ``windows``, bias correction),
+    except those of :func:`int8_ignored_scope`. With ``checks`` (windows apart from the
+    calibration), NNCF's accuracy control then returns to bf16/f32, one at a time, the layers
+    whose quantisation costs most, until the masks of ``checks`` agree with the float model's
+    at Dice >= 1 - ``max_drop``. (On the shipped folds: the two 3x3x3 convolutions of the
+    decoder at half resolution, about 12 % of the FLOPs.)"""
+    import nncf
+
+    settings = {
+        "preset": nncf.QuantizationPreset.MIXED,  # asymmetric activations: BN shifts them
+        "subset_size": len(windows),
+        "ignored_scope": int8_ignored_scope(model),
+    }
+    if not checks:
+        return nncf.quantize(model, nncf.Dataset(list(windows)), **settings)
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    expected = [reference(window)[0] > 0.5 for window in checks]
+    return nncf.quantize_with_accuracy_control(
+        model,
+        nncf.Dataset(list(windows)),
+        nncf.Dataset(list(zip(checks, expected))),
+        mask_agreement,
+        max_drop=max_drop,
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
+            ranking_subset_size=min(8, len(checks)), num_ranking_workers=1
+        ),
+        **settings,
+    )
+
+
+def mask_agreement(compiled: ov.CompiledModel, checks) -> tuple[float, list[float]]:
+    """Dice of the compiled model's masks with the float masks over all ``checks`` (window,
+    expected mask), and per window: NNCF's validation function."""
+    overlap = total = 0
+    each = []
+    for window, expected in checks:
+        mask = compiled(window)[0] > 0.5
+        both, size = int((mask & expected).sum()), int(mask.sum() + expected.sum())
+        overlap, total = overlap + both, total + size
+        each.append(2 * both / size if size else 1.0)
+    return (2 * overlap / total if total else 1.0), each
+
+
+def load_or_quantize(
+    core: ov.Core, net: nn.Module, fold_hash: str, manifest, ir_dirs: Sequence[Path]
+) -> ov.Model:
+    """The fold's int8 model from a prepared folder or the cache, else quantised now (needs
+    ``nncf`` and ``phantoms``: a development install) and cached."""
+    patch, name = manifest.patch_size, int8_ir_name(fold_hash, manifest.patch_size)
+    cache = cache_dir()
+    for folder in [*ir_dirs, *([cache] if cache else [])]:
+        if (Path(folder) / name).is_file():
+            return read_ir(core, Path(folder) / name, patch)
+    try:
+        import nncf  # noqa: F401
+
+        import phantoms  # noqa: F401
+    except ImportError:
+        raise BackendError(
+            f"--precision int8: no int8 model {name} prepared (python -m "
+            "inference.openvino_backend WEIGHTS --int8, with nncf installed)"
+        ) from None
+    base = load_or_convert(core, net, fold_hash, patch, ir_dirs)
+    model = quantize(base, calibration_windows(manifest), check_windows(manifest))
+    if cache is not None:
+        with contextlib.suppress(OSError):  # an unwritable cache: quantised again next run
+            save_ir(model, cache / name, compress=False)
+    return model
+
+
 def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:
     model = core.read_model(path)
     model.reshape([1, 1, *patch])
@@ -133,6 +306,24 @@ def precision_hint(core: ov.Core) -> str:
     """bf16 where the CPU computes it natively, else f32."""
     capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     return "bf16" if "BF16" in capabilities else "f32"
+
+
+def resolve_precision(core: ov.Core, precision: str | None) -> tuple[bool, str]:
+    """(int8 or not, the floating-point hint) for a requested precision: ``auto`` the CPU's
+    best float; ``int8`` only where :func:`int8_supported`, else that float with a warning."""
+    precision = precision or "auto"
+    if precision not in PRECISIONS:
+        raise BackendError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if precision in ("bf16", "f32"):
+        return False, precision
+    if precision == "int8" and not int8_supported():
+        warnings.warn(
+            f"--precision int8: this CPU has none of {', '.join(INT8_CPU_FLAGS)}; "
+            f"running {precision_hint(core)} instead",
+            stacklevel=3,
+        )
+        return False, precision_hint(core)
+    return precision == "int8", precision_hint(core)
 
 
 class OpenVINOBackend:
@@ -146,18 +337,27 @@ class OpenVINOBackend:
         ir_dirs: Sequence[Path] = (),
         precision: str | None = None,
         threads: int | None = None,
+        manifest=None,
     ):
+        """``precision``: one of :data:`PRECISIONS` (default ``auto``: bf16 where the CPU has
+        it, else f32); ``int8`` reads the folds' int8 models, quantising them first if none
+        were prepared (then ``manifest`` sets the calibration's preprocessing)."""
         self.core = ov.Core()
         threads = threads or inference_threads()
-        self.precision = precision or precision_hint(self.core)
+        int8, hint = resolve_precision(self.core, precision)
+        self.precision = f"int8+{hint}" if int8 else hint
         self.config = {
-            "INFERENCE_PRECISION_HINT": self.precision,
+            "INFERENCE_PRECISION_HINT": hint,  # int8 models: the layers left unquantised
             "INFERENCE_NUM_THREADS": threads,
             "PERFORMANCE_HINT": "THROUGHPUT",
             "NUM_STREAMS": min(threads, MAX_STREAMS),
         }
+        if int8 and manifest is None:
+            raise BackendError("--precision int8 needs the weights' manifest (calibration)")
         self.models = [
-            load_or_convert(self.core, net, fold_hash, patch, ir_dirs)
+            load_or_quantize(self.core, net, fold_hash, manifest, ir_dirs)
+            if int8
+            else load_or_convert(self.core, net, fold_hash, patch, ir_dirs)
             for net, fold_hash in zip(nets, fold_hashes, strict=True)
         ]
         self.device = f"cpu ({threads} threads, {self.config['NUM_STREAMS']} streams)"
@@ -227,18 +427,25 @@ class OpenVINOBackend:
         return normalize_in_place(accumulator, plan, count_folds * len(mirrors))
 
 
-def prepare(weights: Path, output: Path | None = None) -> list[Path]:
+def prepare(weights: Path, output: Path | None = None, int8: bool = False) -> list[Path]:
     """Convert every fold of a weights folder to OpenVINO IR (``weights/openvino`` by default),
-    so that the container starts without conversions."""
+    so that the container starts without conversions; with ``int8`` also its int8 model
+    (:func:`quantize`, needs ``nncf`` and ``phantoms``: a build-time step)."""
     from model.weights import load_ensemble
 
     manifest, nets = load_ensemble(weights)
     output = output or weights / IR_FOLDER
+    windows = calibration_windows(manifest) if int8 else None
+    checks = check_windows(manifest) if int8 else None
     written = []
     for entry, net in zip(manifest.folds, nets):
         path = output / ir_name(entry.sha256, manifest.patch_size)
         save_ir(convert(net, manifest.patch_size), path)
         written.append(path)
+        if int8:
+            quantized = quantize(read_ir(ov.Core(), path, manifest.patch_size), windows, checks)
+            written.append(output / int8_ir_name(entry.sha256, manifest.patch_size))
+            save_ir(quantized, written[-1], compress=False)
     return written
 
 
@@ -249,11 +456,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--if-present", action="store_true", help="do nothing when the folder has no manifest"
     )
+    parser.add_argument(
+        "--int8", action="store_true", help="also the int8 models (needs nncf and phantoms)"
+    )
     args = parser.parse_args(argv)
     if args.if_present and not (args.weights / "manifest.json").is_file():
         print(f"{args.weights}: no manifest.json, nothing to prepare")
         return 0
-    for path in prepare(args.weights, args.output):
+    for path in prepare(args.weights, args.output, args.int8):
         print(path)
     return 0
 

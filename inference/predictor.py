@@ -55,6 +55,7 @@ class PredictorSettings:
     postprocess_overrides: dict = field(default_factory=dict)
     batch_size: int | None = None
     deterministic: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning
+    precision: str = "auto"  # OpenVINO: auto (bf16 where native, else f32), bf16, f32, int8
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Predictor:
             ir_dirs=[weights / IR_FOLDER],
             batch_size=settings.batch_size,
             deterministic=settings.deterministic,
+            precision=settings.precision,
+            manifest=manifest,
         )
         self._set_up(manifest, folds, backend, settings)
 
