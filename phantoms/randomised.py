@@ -274,9 +274,9 @@ def _background(shape, tissue: float, contrast: float, rng: np.random.Generator)
     texture = np.zeros(shape, dtype=UNIT)
     for _ in range(int(rng.integers(1, 4))):
         cell = rng.uniform(2.5, min(shape) / 4)
-        texture += UNIT(contrast * rng.uniform(0.0, 0.15)) * SmoothField(shape, cell, rng).full()
+        texture += UNIT(contrast * rng.uniform(0.0, 0.08)) * SmoothField(shape, cell, rng).full()
     if rng.random() < 0.3:
-        texture += _voronoi(shape, contrast * rng.uniform(0.03, 0.15), rng)
+        texture += _voronoi(shape, contrast * rng.uniform(0.02, 0.08), rng)
     if rng.random() < 0.3:
         texture *= -1
     return texture + UNIT(tissue)
@@ -311,7 +311,7 @@ def _noise(image: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarra
     if rng.random() < 0.5:
         ndimage.gaussian_filter(noise, rng.uniform(0.5, 1.2), output=noise)
         noise /= max(float(noise.std()), 1e-6)
-    gain = rng.uniform(0.0, 1.5)
+    gain = rng.uniform(0.0, 0.8)
     return noise * UNIT(std) * np.sqrt(np.maximum(1 + UNIT(gain) * image, 0.25))
 
 
@@ -342,10 +342,11 @@ def _acquire(
     sigma = rng.uniform(0.0, 0.35) / spacing
     sigmas = sigma * (rng.uniform(0.6, 1.4, 3) if rng.random() < 0.3 else np.ones(3))
     ndimage.gaussian_filter(image, sigmas, output=image, mode="nearest")
-    image += _noise(image, contrast * rng.uniform(0.015, 0.15), rng)
+    image += _noise(image, contrast * rng.uniform(0.01, 0.08), rng)
     if rng.random() < 0.3:  # Rician: the magnitude of a complex signal (MR-like)
         floor = UNIT(image.min())
-        second = rng.standard_normal(image.shape, dtype=UNIT) * UNIT(contrast * 0.05)
+        spread = UNIT(contrast * rng.uniform(0.01, 0.04))
+        second = rng.standard_normal(image.shape, dtype=UNIT) * spread
         image[:] = np.hypot(image - floor, second) + floor
     if rng.random() < 0.4 and sources:
         amplitude = contrast * rng.uniform(0.05, 0.4)
