@@ -16,15 +16,14 @@ the cores never wait for Python.
 int8 (``precision="int8"``, an option): each fold post-training quantised by NNCF
 (:func:`quantize`), calibrated on phantom windows; its head, its attention gates and the layers
 NNCF's accuracy control finds costly stay in bf16/f32. The int8 IR is made at build time
-(``python -m inference.openvino_backend WEIGHTS --int8``, which needs ``nncf`` and
-``phantoms``) and read at run time by OpenVINO alone; it runs only where the CPU has int8 dot
+(``python -m train.int8 WEIGHTS``, which needs ``nncf`` and ``phantoms``) and read at run
+time by OpenVINO alone; it runs only where the CPU has int8 dot
 products (:func:`int8_supported`), else bf16/f32 with a warning.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import tempfile
@@ -52,7 +51,6 @@ IR_FORMAT = "vp2"  # bump when VesselProbability or the conversion changes
 INT8_FORMAT = "q1"  # bump when the calibration or the ignored layers change
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products in hardware
 PRECISIONS = ("auto", "bf16", "f32", "int8")
-CALIBRATION_SEED = 90_000  # phantoms never used for evaluation (those start at 0)
 CACHE_ENV = "VESSEL_SEG_CACHE"
 MAX_STREAMS = 4  # each stream holds a window's activations: bound the memory on many-core CPUs
 # Patches up to this many voxels keep every fold compiled for the backend's lifetime: a compiled
@@ -162,38 +160,6 @@ def fp16_constants(model: ov.Model) -> ov.Model:
     return model
 
 
-def calibration_windows(manifest, count: int = 64, seed: int = CALIBRATION_SEED) -> list:
-    """``count`` windows ``(1, 1, *patch)`` of phantoms (``phantoms.generate_case``) preprocessed
-    as a case is: the activation ranges int8 must cover. Half are centred on vessels (the rare,
-    bright voxels that set the ranges), half anywhere."""
-    import SimpleITK as sitk
-
-    from inference.preprocessing import Geometry, preprocess
-    from phantoms import generate_case
-
-    patch = np.array(manifest.patch_size)
-    rng = np.random.default_rng(seed)
-    windows, case = [], 0
-    while len(windows) < count:
-        shape = tuple(int(p) for p in 2 * patch)  # drawn at the model's spacing: no resampling
-        image, label = generate_case(shape, seed=seed + case, spacing=min(manifest.target_spacing))
-        array = sitk.GetArrayFromImage(image).astype(np.float32)
-        volume = preprocess(array, Geometry.of(image), manifest)
-        vessels = np.argwhere(sitk.GetArrayFromImage(label) > 0)
-        for k in range(min(8, count - len(windows))):
-            centre = vessels[rng.integers(len(vessels))] if k % 2 else rng.integers(volume.shape)
-            start = np.clip(centre - patch // 2, 0, np.array(volume.shape) - patch)
-            box = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            windows.append(np.ascontiguousarray(volume[box])[None, None])
-        case += 1
-    return windows
-
-
-def check_windows(manifest) -> list:
-    """Windows for the accuracy control of :func:`quantize`, from other phantoms."""
-    return calibration_windows(manifest, count=16, seed=CALIBRATION_SEED + 1000)
-
-
 def int8_ignored_scope(model: ov.Model):
     """Layers kept in bf16/f32: the head (its output is thresholded at 0.5) and every
     convolution that feeds a sigmoid gate (HSCA's channel and spatial attention multiply whole
@@ -269,31 +235,17 @@ def mask_agreement(compiled: ov.CompiledModel, checks) -> tuple[float, list[floa
     return (2 * overlap / total if total else 1.0), each
 
 
-def load_or_quantize(
-    core: ov.Core, net: nn.Module, fold_hash: str, manifest, ir_dirs: Sequence[Path]
-) -> ov.Model:
-    """The fold's int8 model from a prepared folder or the cache, else quantised now (needs
-    ``nncf`` and ``phantoms``: a development install) and cached."""
-    patch, name = manifest.patch_size, int8_ir_name(fold_hash, manifest.patch_size)
-    cache = cache_dir()
+def load_int8(core: ov.Core, fold_hash: str, patch: Sequence[int], ir_dirs: Sequence[Path]):
+    """The fold's int8 model, prepared at build time (``python -m train.int8 WEIGHTS``: its
+    calibration needs phantoms and nncf, which the image does not hold) into a weights'
+    ``openvino`` folder or the cache; a one-line error naming the command otherwise."""
+    name, cache = int8_ir_name(fold_hash, patch), cache_dir()
     for folder in [*ir_dirs, *([cache] if cache else [])]:
         if (Path(folder) / name).is_file():
             return read_ir(core, Path(folder) / name, patch)
-    try:
-        import nncf  # noqa: F401
-
-        import phantoms  # noqa: F401
-    except ImportError:
-        raise BackendError(
-            f"--precision int8: no int8 model {name} prepared (python -m "
-            "inference.openvino_backend WEIGHTS --int8, with nncf installed)"
-        ) from None
-    base = load_or_convert(core, net, fold_hash, patch, ir_dirs)
-    model = quantize(base, calibration_windows(manifest), check_windows(manifest))
-    if cache is not None:
-        with contextlib.suppress(OSError):  # an unwritable cache: quantised again next run
-            save_ir(model, cache / name, compress=False)
-    return model
+    raise BackendError(
+        f"--precision int8: no int8 model {name} prepared; run python -m train.int8 WEIGHTS"
+    )
 
 
 def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:
@@ -352,10 +304,8 @@ class OpenVINOBackend:
             "PERFORMANCE_HINT": "THROUGHPUT",
             "NUM_STREAMS": min(threads, MAX_STREAMS),
         }
-        if int8 and manifest is None:
-            raise BackendError("--precision int8 needs the weights' manifest (calibration)")
         self.models = [
-            load_or_quantize(self.core, net, fold_hash, manifest, ir_dirs)
+            load_int8(self.core, fold_hash, patch, ir_dirs)
             if int8
             else load_or_convert(self.core, net, fold_hash, patch, ir_dirs)
             for net, fold_hash in zip(nets, fold_hashes, strict=True)
@@ -427,16 +377,18 @@ class OpenVINOBackend:
         return normalize_in_place(accumulator, plan, count_folds * len(mirrors))
 
 
-def prepare(weights: Path, output: Path | None = None, int8: bool = False) -> list[Path]:
+def prepare(
+    weights: Path, output: Path | None = None, calibration: tuple[list, list] | None = None
+) -> list[Path]:
     """Convert every fold of a weights folder to OpenVINO IR (``weights/openvino`` by default),
-    so that the container starts without conversions; with ``int8`` also its int8 model
-    (:func:`quantize`, needs ``nncf`` and ``phantoms``: a build-time step)."""
+    so that the container starts without conversions; with ``calibration`` (windows, check
+    windows: :mod:`train.int8`) also its int8 model (:func:`quantize`, needs ``nncf``)."""
     from model.weights import load_ensemble
 
     manifest, nets = load_ensemble(weights)
     output = output or weights / IR_FOLDER
-    windows = calibration_windows(manifest) if int8 else None
-    checks = check_windows(manifest) if int8 else None
+    int8 = calibration is not None
+    windows, checks = calibration or (None, None)
     written = []
     for entry, net in zip(manifest.folds, nets):
         path = output / ir_name(entry.sha256, manifest.patch_size)
@@ -456,14 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--if-present", action="store_true", help="do nothing when the folder has no manifest"
     )
-    parser.add_argument(
-        "--int8", action="store_true", help="also the int8 models (needs nncf and phantoms)"
-    )
     args = parser.parse_args(argv)
     if args.if_present and not (args.weights / "manifest.json").is_file():
         print(f"{args.weights}: no manifest.json, nothing to prepare")
         return 0
-    for path in prepare(args.weights, args.output, args.int8):
+    for path in prepare(args.weights, args.output):
         print(path)
     return 0
 

@@ -20,16 +20,15 @@ needs_int8 = pytest.mark.skipif(
 
 @pytest.fixture(scope="module", autouse=True)
 def model_cache(tmp_path_factory):
-    """A private OpenVINO model cache, and calibration windows of tube volumes (what these
-    tests segment; the shipped folds are calibrated on phantoms) for this module."""
+    """A private OpenVINO model cache for this module."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("VESSEL_SEG_CACHE", str(tmp_path_factory.mktemp("ov-cache")))
-        patch.setattr(openvino_backend, "calibration_windows", tube_windows)
-        patch.setattr(openvino_backend, "check_windows", lambda manifest: [])  # no accuracy control
         yield
 
 
-def tube_windows(manifest, count: int = 16, seed: int = 100) -> list[np.ndarray]:
+def tube_windows(count: int = 16, seed: int = 100) -> list[np.ndarray]:
+    """Calibration windows of tube volumes (what these tests segment; the shipped folds are
+    calibrated on phantoms by train.int8)."""
     windows = []
     for k in range(count // 8):
         volume = tube_case((64, 64, 64), seed=seed + k)[0].astype(np.float32)
@@ -58,6 +57,7 @@ def segment(weights, precision: str):
 @needs_int8
 def test_int8_masks_stay_close_to_bf16(weights):
     pytest.importorskip("nncf")
+    openvino_backend.prepare(weights, None, (tube_windows(), []))  # no accuracy control
     int8, quantised = segment(weights, "int8")
     _, reference = segment(weights, "auto")
     assert int8.backend.precision.startswith("int8+")
@@ -72,7 +72,9 @@ def test_int8_masks_stay_close_to_bf16(weights):
 @needs_int8
 def test_prepared_int8_models_are_read_not_quantised_again(weights, tmp_path, monkeypatch):
     pytest.importorskip("nncf")
-    written = openvino_backend.prepare(weights, tmp_path / "ir", int8=True)
+    with pytest.raises(BackendError, match="python -m train.int8"):  # none prepared yet
+        openvino_backend.load_int8(openvino_backend.ov.Core(), "0" * 64, PATCH, [tmp_path])
+    written = openvino_backend.prepare(weights, tmp_path / "ir", (tube_windows(), []))
     assert any("-int8" in path.name for path in written)
 
     def no_quantisation(*args):
