@@ -70,12 +70,11 @@ def create_backend(
     batch_size: int | None = None,
     deterministic: bool = False,
     precision: str = "auto",
-    manifest=None,
 ) -> Backend:
     """The backend for ``nets`` (one per fold; ``fold_hashes`` are their weight files' sha256,
     which key the OpenVINO model cache; ``ir_dirs`` hold prepared OpenVINO models).
-    ``precision``: the OpenVINO backend's (``auto``, ``bf16``, ``f32``, ``int8``; ``manifest``
-    for int8's calibration); torch keeps its own (bf16/fp16 autocast on CUDA, fp32 on CPU)."""
+    ``precision``: the OpenVINO backend's (``auto``, ``bf16``, ``f32``, ``int8``); torch keeps
+    its own (bf16/fp16 autocast on CUDA, fp32 on CPU)."""
     if backend == "openvino" and device == "auto":
         device = "cpu"  # asking for OpenVINO is asking for the CPU
     device = resolve_device(device)
@@ -83,9 +82,7 @@ def create_backend(
     if backend == "openvino":  # imported here: OpenVINO is optional (eager torch without it)
         from inference.openvino_backend import OpenVINOBackend
 
-        return OpenVINOBackend(
-            nets, fold_hashes, patch, ir_dirs=ir_dirs, precision=precision, manifest=manifest
-        )
+        return OpenVINOBackend(nets, fold_hashes, patch, ir_dirs=ir_dirs, precision=precision)
     if precision not in ("auto", None):
         warnings.warn(f"precision {precision!r} applies to the OpenVINO backend only", stacklevel=2)
     return TorchBackend(nets, device, patch, batch_size=batch_size, deterministic=deterministic)

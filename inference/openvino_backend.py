@@ -289,11 +289,10 @@ class OpenVINOBackend:
         ir_dirs: Sequence[Path] = (),
         precision: str | None = None,
         threads: int | None = None,
-        manifest=None,
     ):
         """``precision``: one of :data:`PRECISIONS` (default ``auto``: bf16 where the CPU has
-        it, else f32); ``int8`` reads the folds' int8 models, quantising them first if none
-        were prepared (then ``manifest`` sets the calibration's preprocessing)."""
+        it, else f32); ``int8`` reads the folds' int8 models prepared at build time
+        (:func:`load_int8`)."""
         self.core = ov.Core()
         threads = threads or inference_threads()
         int8, hint = resolve_precision(self.core, precision)

@@ -88,7 +88,6 @@ class Predictor:
             batch_size=settings.batch_size,
             deterministic=settings.deterministic,
             precision=settings.precision,
-            manifest=manifest,
         )
         self._set_up(manifest, folds, backend, settings)
 

@@ -84,7 +84,7 @@ def test_prepared_int8_models_are_read_not_quantised_again(weights, tmp_path, mo
     monkeypatch.setenv("VESSEL_SEG_CACHE", str(tmp_path / "empty-cache"))
     manifest, nets = load_ensemble(weights)
     backend = openvino_backend.OpenVINOBackend(
-        nets, [manifest.folds[0].sha256], PATCH, [tmp_path / "ir"], "int8", manifest=manifest
+        nets, [manifest.folds[0].sha256], PATCH, [tmp_path / "ir"], "int8"
     )
     assert backend.precision.startswith("int8+")
 
