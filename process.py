@@ -27,6 +27,7 @@ Defaults: INPUT /input, OUTPUT /output, weights /opt/ml/model when it holds a ma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -35,11 +36,12 @@ from inference.cases import (  # noqa: F401 (OUTPUT_SLUG, RESULTS: the contract'
     OUTPUT_SLUG,
     PROBABILITIES,
     RESULTS,
+    Case,
     InputsError,
     Report,
     find_cases,
     remove_leftovers,
-    run_case,
+    run_cases,
 )
 from inference.io import (
     Interrupted,
@@ -95,6 +97,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=os.environ.get("VESSEL_SEG_PRECISION", "auto"),
         help="OpenVINO (CPU) arithmetic; int8 needs a VNNI/AMX CPU and prepared int8 models "
         "(env VESSEL_SEG_PRECISION)",
+    )
+    parser.add_argument(
+        "--read-ahead",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="read and preprocess the next case while this one runs (auto: on a GPU)",
     )
     args = parser.parse_args(argv)
     args.weights_source = "option" if args.weights else None
@@ -177,18 +185,27 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
     )
     report.write()
     pacer = Pacer(predictor, args.time_limit)
+    read_ahead = args.read_ahead == "on" or (
+        args.read_ahead == "auto" and predictor.backend.device.startswith("cuda")
+    )
+    report.data["read_ahead"] = read_ahead
+
+    def probability_of(case: Case) -> Path | None:
+        return args.output / PROBABILITIES / case.target.name if args.save_probabilities else None
+
     failed = 0
-    for case in cases:
-        probability = None
-        if args.save_probabilities:
-            probability = args.output / PROBABILITIES / case.target.name
-        result = run_case(predictor, case, probability, pacer)
-        report.add(result)
-        if result.status != "ok":
-            failed += 1
-            print(f"error: {result.error}", file=sys.stderr)
-        else:
-            print(f"{case.source.name} -> {case.target} ({result.seconds:.1f} s)", file=sys.stderr)
+    with contextlib.closing(
+        run_cases(predictor, cases, probability_of, pacer, read_ahead)
+    ) as results:
+        for case, result in zip(cases, results, strict=True):
+            report.add(result)
+            if result.status != "ok":
+                failed += 1
+                print(f"error: {result.error}", file=sys.stderr)
+            else:
+                print(
+                    f"{case.source.name} -> {case.target} ({result.seconds:.1f} s)", file=sys.stderr
+                )
     report.finish("done" if not failed else "failed")
     return 1 if failed or report.failed else 0
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,6 +185,28 @@ def one_line(error: BaseException, source: Path) -> str:
     return f"{source}: {type(error).__name__}: {text[:300]}"
 
 
+class Reading:
+    """A case's volume read into the model's input, here or in a background thread (the next
+    case's, while this one runs); ``headers`` receives the geometry once the reader accepted it
+    (what an empty mask for a failed case needs). The header is checked against the model's
+    bounds before any voxel is read."""
+
+    def __init__(self, predictor: Predictor, source: Path, reader: Executor | None = None):
+        self.predictor, self.source, self.headers = predictor, source, []
+        self.future = reader.submit(self.read) if reader is not None else None
+
+    def read(self) -> tuple[np.ndarray, Geometry]:
+        def check(header: Geometry) -> None:
+            self.headers.append(header)
+            self.predictor.check(header, self.source)
+
+        array, geometry = read_image(self.source, check)
+        return self.predictor.model_input(array, geometry), geometry
+
+    def result(self) -> tuple[np.ndarray, Geometry]:
+        return self.future.result() if self.future is not None else self.read()
+
+
 def segment_file(
     predictor: Predictor,
     source: Path,
@@ -190,29 +214,19 @@ def segment_file(
     probability_target: Path | None = None,
     pacer: Pacer | None = None,
     result: CaseResult | None = None,
-    headers: list[Geometry] | None = None,
+    reading: Reading | None = None,
 ) -> float:
     """Segment ``source`` into ``target`` (and its probability map into ``probability_target``);
-    the vessel volume in mm^3. Raises on any failure, leaving no file behind. The header is
-    checked against the model's bounds before any voxel is read; ``headers`` receives its
-    geometry once the reader accepted it (what an empty mask for a failed case needs)."""
-
-    def check(header: Geometry) -> None:
-        if headers is not None:
-            headers.append(header)
-        predictor.check(header, source)
-
-    array, geometry = read_image(source, check)
+    the vessel volume in mm^3. Raises on any failure, leaving no file behind."""
+    volume, geometry = (reading or Reading(predictor, source)).result()
     result = result or CaseResult(str(source), None, "ok", None, 0.0, "", "")
     with pacer or Pacer(predictor) as pace:
         result.record_plan(pace.plan(geometry, source))
-        volume = predictor.model_input(array, geometry)
-        del array  # the raw volume is no longer needed: keep the peak memory down
         start = time.perf_counter()
         with progress_reporter(case_name(source), result.passes) as progress:
             probability = predictor.probability_of_input(volume, geometry, progress)
         pace.record(result.passes, time.perf_counter() - start)
-    del volume
+    del volume  # keep the peak memory down
     mask, volume_mm3 = predictor.mask_of(probability, geometry)
     if probability_target is not None:  # before the mask: a mask exists only on success
         probability_target.parent.mkdir(parents=True, exist_ok=True)
@@ -222,11 +236,38 @@ def segment_file(
     return volume_mm3
 
 
+def run_cases(
+    predictor: Predictor,
+    cases: list[Case],
+    probability_of: Callable[[Case], Path | None],
+    pacer: Pacer,
+    overlap: bool,
+) -> Iterator[CaseResult]:
+    """:func:`run_case` for each case, in order. With ``overlap`` the next case is read and
+    preprocessed in a background thread while this one runs, so that a GPU does not wait for
+    a file to be inflated (on a CPU the network already keeps every core busy)."""
+    reader = ThreadPoolExecutor(1, thread_name_prefix="read-next") if overlap else None
+
+    def start(case: Case) -> Reading | None:
+        return None if case.refusal else Reading(predictor, case.source, reader)
+
+    try:
+        upcoming = start(cases[0]) if cases else None
+        for index, case in enumerate(cases):
+            reading = upcoming
+            upcoming = start(cases[index + 1]) if index + 1 < len(cases) else None
+            yield run_case(predictor, case, probability_of(case), pacer, reading)
+    finally:  # a stop signal: the case being read is not waited for
+        if reader is not None:
+            reader.shutdown(wait=False, cancel_futures=True)
+
+
 def run_case(
     predictor: Predictor,
     case: Case,
     probability_target: Path | None = None,
     pacer: Pacer | None = None,
+    reading: Reading | None = None,
 ) -> CaseResult:
     """:func:`segment_file` with the outcome as a report entry; never raises for a bad case.
     A case that fails loses the mask (and probability map) an earlier run left for it; when its
@@ -237,13 +278,13 @@ def run_case(
     backend = predictor.backend
     result = CaseResult(str(case.source), None, "ok", None, 0.0, backend.device, backend.name)
     result.interface = case.interface
-    headers: list[Geometry] = []
+    reading = reading or Reading(predictor, case.source)
     failure: Exception | None = None
     try:
         if case.refusal:
             raise InputError(case.refusal)
         result.vessel_volume_mm3 = segment_file(
-            predictor, case.source, case.target, probability_target, pacer, result, headers
+            predictor, case.source, case.target, probability_target, pacer, result, reading
         )
         result.output = str(case.target)
         if probability_target is not None:
@@ -261,11 +302,11 @@ def run_case(
             remove_stale(case.target, probability_target)
     if (
         result.status != "ok"
-        and headers
+        and reading.headers
         and not case.keep_target
         and not isinstance(failure, WriteError)
     ):  # a write that failed would fail again
-        write_empty_mask(headers[0], case.target, result)
+        write_empty_mask(reading.headers[0], case.target, result)
     return result
 
 

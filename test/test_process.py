@@ -5,6 +5,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 from helpers import tube_array, tube_volume, write_weights
 
 import process
+from inference.cases import Reading
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import read_image
 
@@ -112,6 +114,8 @@ def test_flat_folder_with_bad_inputs_as_a_subprocess(tmp_path, weights, cache):
         str(outputs),
         "--weights",
         str(weights),
+        "--read-ahead",  # every bad case is then read in the background thread
+        "on",
     ]
     done = subprocess.run(
         command,
@@ -124,6 +128,7 @@ def test_flat_folder_with_bad_inputs_as_a_subprocess(tmp_path, weights, cache):
     inputs.chmod(0o755)
     assert done.returncode == 1, done.stderr
     report = json.loads((outputs / "results.json").read_text())
+    assert report["read_ahead"] is True
     entries = {Path(e["input"]).name.split("_0000")[0]: e for e in report["cases"]}
     assert set(entries) == set(errors) | set(goods)
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -204,6 +209,49 @@ def test_grand_challenge_layout_keeps_name_and_format(tmp_path, weights, cache):
     values = sitk.GetArrayFromImage(probability)
     assert values.min() >= 0 and values.max() <= 1
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), values > 0.5)
+
+
+def test_read_ahead_reads_the_next_case_while_this_one_runs(tmp_path, weights, cache, monkeypatch):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    names = [path.name for path in good_inputs(inputs).values()]
+    events: list[tuple[str, str, str]] = []  # what, case, thread
+    read, predict = Reading.read, Predictor.probability_of_input
+
+    def logged_read(self):
+        events.append(("read", self.source.name, threading.current_thread().name))
+        return read(self)
+
+    def logged_predict(self, volume, geometry, progress=None):
+        events.append(("predicting", "", ""))
+        probability = predict(self, volume, geometry, progress)
+        events.append(("predicted", "", ""))
+        return probability
+
+    monkeypatch.setattr(Reading, "read", logged_read)
+    monkeypatch.setattr(Predictor, "probability_of_input", logged_predict)
+    masks = {}
+    for read_ahead in ("on", "off"):
+        outputs = tmp_path / read_ahead
+        events.clear()
+        arguments = ["--input", str(inputs), "--output", str(outputs), "--weights", str(weights)]
+        assert process.main([*arguments, "--read-ahead", read_ahead]) == 0
+        masks[read_ahead] = {p.name: sitk.ReadImage(str(p)) for p in outputs.glob("*.nii.gz")}
+        reads = [event for event in events if event[0] == "read"]
+        assert sorted(case for _, case, _ in reads) == sorted(names)
+        # with read-ahead, each next case is read in the background while the network runs
+        ahead = [event[2].startswith("read-next") for event in reads]
+        assert ahead == [read_ahead == "on"] * len(names), reads
+        if read_ahead == "on":  # case k+1 is read before case k's network has finished
+            order = [event[0] if event[0] != "read" else event[1] for event in events]
+            ended = [i for i, what in enumerate(order) if what == "predicted"]
+            for k, (_, case, _) in enumerate(reads[1:]):
+                assert order.index(case) < ended[k], order
+    assert masks["on"].keys() == masks["off"].keys() and len(masks["on"]) == len(names)
+    for name, mask in masks["on"].items():
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(masks["off"][name])
+        )
 
 
 @pytest.mark.parametrize(
