@@ -25,7 +25,7 @@ COMMON = {
 }
 DP_ROW = (("dp-clipping-norm", 10.0), ("dp-noise-multiplier", 0.5))
 """Table 4's private row: noise of std 0.5 x 10 / 3 sites on the averaged update."""
-PILOT_ROUNDS = 10
+PILOT_ROUNDS = 20
 PILOT = (("base-channels", 8), ("patience", PILOT_ROUNDS))
 FOLDS = "folds"
 """The run folder the five folds share (their weights merge into one manifest)."""
