@@ -47,7 +47,7 @@ local-test: venv
 	test/run_local_test.sh
 
 bench-inference: venv
-	$(PYTHON) bench/bench_inference.py
+	$(PYTHON) bench/bench_inference.py --tune
 
 bench-federation: venv
 	$(PYTHON) bench/bench_federation.py
