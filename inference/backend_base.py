@@ -7,6 +7,7 @@ backends import these types without importing the module that imports them.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -86,6 +87,18 @@ def inference_threads() -> int:
     if asked < 1:
         raise BackendError(f"{THREADS_ENV}={value!r}: expected a positive integer")
     return min(asked, count)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def cpu_name() -> str:

@@ -42,6 +42,7 @@ from inference.backend_base import (
     BackendError,
     Progress,
     VesselProbability,
+    cpu_flags,
     inference_threads,
 )
 from inference.sliding_window import WindowPlan, normalize_in_place
@@ -77,16 +78,6 @@ def ir_name(fold_hash: str, patch: Sequence[int]) -> str:
 
 def int8_ir_name(fold_hash: str, patch: Sequence[int]) -> str:
     return ir_name(fold_hash, patch).replace(".xml", f"-int8{INT8_FORMAT}.xml")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def int8_supported(flags: set[str] | None = None) -> bool:

@@ -13,12 +13,12 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from inference.backend_base import cpu_flags
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry
 from metrics import cldice, dice
@@ -42,12 +42,8 @@ class FitResult:
 
 @functools.cache
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), per /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def training_device() -> torch.device:
