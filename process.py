@@ -174,6 +174,9 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         return fail(report, " ".join(str(error).split()) or type(error).__name__)
     from inference.backend_base import runtime_environment
 
+    read_ahead = args.read_ahead == "on" or (
+        args.read_ahead == "auto" and predictor.backend.device.startswith("cuda")
+    )
     report.data.update(
         device=predictor.backend.device,
         backend=predictor.backend.name,
@@ -181,14 +184,11 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         folds=predictor.folds,
         weights={"path": str(args.weights), "source": args.weights_source},
         deterministic=args.deterministic,
+        read_ahead=read_ahead,
         environment=runtime_environment(predictor.backend.device),
     )
     report.write()
     pacer = Pacer(predictor, args.time_limit)
-    read_ahead = args.read_ahead == "on" or (
-        args.read_ahead == "auto" and predictor.backend.device.startswith("cuda")
-    )
-    report.data["read_ahead"] = read_ahead
 
     def probability_of(case: Case) -> Path | None:
         return args.output / PROBABILITIES / case.target.name if args.save_probabilities else None
