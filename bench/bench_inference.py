@@ -355,9 +355,9 @@ def run_project(name: str, sources: list[Path], out: Path, weights: Path, args) 
     start = time.perf_counter()
     if name == "project_int8":  # the build-time step: int8 models into the model cache
         from inference.openvino_backend import cache_dir
-        from train.int8 import main as prepare_int8
+        from train import int8
 
-        prepare_int8([str(weights), "--output", str(cache_dir())])
+        int8.main([str(weights), "--output", str(cache_dir())])
     predictor = project_predictor(weights, args, "int8" if name == "project_int8" else "auto")
     info = {"setup_s": time.perf_counter() - start, "precision": predictor.backend.precision}
     segment_file(predictor, sources[0], out.parent / "warm-up" / output_name(sources[0]))

@@ -13,10 +13,10 @@ it in ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16, AMX) and f32 elsewhere, and t
 ``THROUGHPUT`` hint: several streams each run a window while a finished one is stitched, so
 the cores never wait for Python.
 
-int8 (``precision="int8"``, an option): each fold post-training quantised by NNCF
-(:func:`quantize`), calibrated on phantom windows; its head, its attention gates and the layers
-NNCF's accuracy control finds costly stay in bf16/f32. The int8 IR is made at build time
-(``python -m train.int8 WEIGHTS``, which needs ``nncf`` and ``phantoms``) and read at run
+int8 (``precision="int8"``, an option): each fold post-training quantised by NNCF, calibrated
+on phantom windows; its head, its attention gates and the layers NNCF's accuracy control finds
+costly stay in bf16/f32. The int8 IR is made at build time (``python -m train.int8 WEIGHTS``,
+which needs ``nncf`` and ``phantoms``: :func:`train.int8.quantize`) and read at run
 time by OpenVINO alone; it runs only where the CPU has int8 dot
 products (:func:`int8_supported`), else bf16/f32 with a warning.
 """
@@ -149,81 +149,6 @@ def fp16_constants(model: ov.Model) -> ov.Model:
 
     compress_model_transformation(model)
     return model
-
-
-def int8_ignored_scope(model: ov.Model):
-    """Layers kept in bf16/f32: the head (its output is thresholded at 0.5) and every
-    convolution that feeds a sigmoid gate (HSCA's channel and spatial attention multiply whole
-    feature maps: their error would spread everywhere). They are about 1 % of the FLOPs."""
-    import nncf
-
-    passthrough = {"Reshape", "Transpose", "Add", "Concat", "Relu", "ReduceMean", "ReduceMax"}
-
-    def feeds_sigmoid(op, depth: int = 0) -> bool:
-        for target in op.output(0).get_target_inputs():
-            node = target.get_node()
-            if node.get_type_name() == "Sigmoid":
-                return True
-            if depth < 4 and node.get_type_name() in passthrough and feeds_sigmoid(node, depth + 1):
-                return True
-        return False
-
-    convolutions = [op for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
-    names = {convolutions[-1].get_friendly_name()}  # the head
-    names |= {op.get_friendly_name() for op in convolutions if feeds_sigmoid(op)}
-    return nncf.IgnoredScope(names=sorted(names))
-
-
-def quantize(
-    model: ov.Model,
-    windows: Sequence[np.ndarray],
-    checks: Sequence[np.ndarray] = (),
-    max_drop: float = 0.003,
-) -> ov.Model:
-    """The model with int8 convolutions (NNCF post-training quantisation: per-channel
-    symmetric weights, asymmetric activations with ranges from ``windows``, bias correction),
-    except those of :func:`int8_ignored_scope`. With ``checks`` (windows apart from the
-    calibration), NNCF's accuracy control then returns to bf16/f32, one at a time, the layers
-    whose quantisation costs most, until the masks of ``checks`` agree with the float model's
-    at Dice >= 1 - ``max_drop``. (On the shipped folds: the two 3x3x3 convolutions of the
-    decoder at half resolution, about 12 % of the FLOPs.)"""
-    import nncf
-
-    settings = {
-        "preset": nncf.QuantizationPreset.MIXED,  # asymmetric activations: BN shifts them
-        "subset_size": len(windows),
-        "ignored_scope": int8_ignored_scope(model),
-    }
-    if not checks:
-        return nncf.quantize(model, nncf.Dataset(list(windows)), **settings)
-    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
-
-    reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    expected = [reference(window)[0] > 0.5 for window in checks]
-    return nncf.quantize_with_accuracy_control(
-        model,
-        nncf.Dataset(list(windows)),
-        nncf.Dataset(list(zip(checks, expected))),
-        mask_agreement,
-        max_drop=max_drop,
-        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(
-            ranking_subset_size=min(8, len(checks)), num_ranking_workers=1
-        ),
-        **settings,
-    )
-
-
-def mask_agreement(compiled: ov.CompiledModel, checks) -> tuple[float, list[float]]:
-    """Dice of the compiled model's masks with the float masks over all ``checks`` (window,
-    expected mask), and per window: NNCF's validation function."""
-    overlap = total = 0
-    each = []
-    for window, expected in checks:
-        mask = compiled(window)[0] > 0.5
-        both, size = int((mask & expected).sum()), int(mask.sum() + expected.sum())
-        overlap, total = overlap + both, total + size
-        each.append(2 * both / size if size else 1.0)
-    return (2 * overlap / total if total else 1.0), each
 
 
 def load_int8(core: ov.Core, fold_hash: str, patch: Sequence[int], ir_dirs: Sequence[Path]):
@@ -367,27 +292,18 @@ class OpenVINOBackend:
         return normalize_in_place(accumulator, plan, count_folds * len(mirrors))
 
 
-def prepare(
-    weights: Path, output: Path | None = None, calibration: tuple[list, list] | None = None
-) -> list[Path]:
+def prepare(weights: Path, output: Path | None = None) -> list[Path]:
     """Convert every fold of a weights folder to OpenVINO IR (``weights/openvino`` by default),
-    so that the container starts without conversions; with ``calibration`` (windows, check
-    windows: :mod:`train.int8`) also its int8 model (:func:`quantize`, needs ``nncf``)."""
+    so that the container starts without conversions (the int8 models: ``python -m
+    train.int8``)."""
     from model.weights import load_ensemble
 
     manifest, nets = load_ensemble(weights)
     output = output or weights / IR_FOLDER
-    int8 = calibration is not None
-    windows, checks = calibration or (None, None)
     written = []
     for entry, net in zip(manifest.folds, nets):
-        path = output / ir_name(entry.sha256, manifest.patch_size)
-        save_ir(convert(net, manifest.patch_size), path)
-        written.append(path)
-        if int8:
-            quantized = quantize(read_ir(ov.Core(), path, manifest.patch_size), windows, checks)
-            written.append(output / int8_ir_name(entry.sha256, manifest.patch_size))
-            save_ir(quantized, written[-1], compress=False)
+        written.append(output / ir_name(entry.sha256, manifest.patch_size))
+        save_ir(convert(net, manifest.patch_size), written[-1])
     return written
 
 
