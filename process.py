@@ -99,10 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(env VESSEL_SEG_PRECISION)",
     )
     parser.add_argument(
-        "--read-ahead",
+        "--pipeline",
         choices=("auto", "on", "off"),
         default="auto",
-        help="read and preprocess the next case while this one runs (auto: on a GPU)",
+        help="read the next case and write the last one while this one runs (auto: on a GPU)",
     )
     args = parser.parse_args(argv)
     args.weights_source = "option" if args.weights else None
@@ -174,8 +174,8 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         return fail(report, " ".join(str(error).split()) or type(error).__name__)
     from inference.backend_base import runtime_environment
 
-    read_ahead = args.read_ahead == "on" or (
-        args.read_ahead == "auto" and predictor.backend.device.startswith("cuda")
+    pipeline = args.pipeline == "on" or (
+        args.pipeline == "auto" and predictor.backend.device.startswith("cuda")
     )
     report.data.update(
         device=predictor.backend.device,
@@ -184,7 +184,7 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
         folds=predictor.folds,
         weights={"path": str(args.weights), "source": args.weights_source},
         deterministic=args.deterministic,
-        read_ahead=read_ahead,
+        pipeline=pipeline,
         environment=runtime_environment(predictor.backend.device),
     )
     report.write()
@@ -195,7 +195,7 @@ def segment_all(args: argparse.Namespace, report: Report) -> int:
 
     failed = 0
     with contextlib.closing(
-        run_cases(predictor, cases, probability_of, pacer, read_ahead)
+        run_cases(predictor, cases, probability_of, pacer, pipeline)
     ) as results:
         for case, result in zip(cases, results, strict=True):
             report.add(result)

@@ -329,8 +329,8 @@ def project_predictor(weights: Path, args, precision: str = "auto"):
 
 
 def project_folder(predictor, inputs: Path, out: Path) -> float:
-    """Seconds of ``process.py``'s folder path (cases found and segmented in order, the next
-    one read ahead on a GPU, ``results.json`` written) with ``predictor`` already loaded (its
+    """Seconds of ``process.py``'s folder path (cases found and segmented in order, pipelined
+    on a GPU, ``results.json`` written) with ``predictor`` already loaded (its
     setup is not timed)."""
     import contextlib
     import io

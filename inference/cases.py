@@ -7,11 +7,13 @@ signal (:class:`~inference.io.Interrupted`), which marks the running case ``inte
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -218,15 +220,37 @@ def segment_file(
 ) -> float:
     """Segment ``source`` into ``target`` (and its probability map into ``probability_target``);
     the vessel volume in mm^3. Raises on any failure, leaving no file behind."""
-    volume, geometry = (reading or Reading(predictor, source)).result()
     result = result or CaseResult(str(source), None, "ok", None, 0.0, "", "")
-    with pacer or Pacer(predictor) as pace:
+    reading = reading or Reading(predictor, source)
+    probability, geometry = predict_file(
+        predictor, source, pacer or Pacer(predictor), result, reading
+    )
+    return write_outputs(predictor, probability, geometry, target, probability_target)
+
+
+def predict_file(
+    predictor: Predictor, source: Path, pacer: Pacer, result: CaseResult, reading: Reading
+) -> tuple[np.ndarray, Geometry]:
+    """The first half of :func:`segment_file`: the read volume's probability map."""
+    volume, geometry = reading.result()
+    with pacer as pace:
         result.record_plan(pace.plan(geometry, source))
         start = time.perf_counter()
         with progress_reporter(case_name(source), result.passes) as progress:
             probability = predictor.probability_of_input(volume, geometry, progress)
         pace.record(result.passes, time.perf_counter() - start)
-    del volume  # keep the peak memory down
+    return probability, geometry
+
+
+def write_outputs(
+    predictor: Predictor,
+    probability: np.ndarray,
+    geometry: Geometry,
+    target: Path,
+    probability_target: Path | None,
+) -> float:
+    """The second half of :func:`segment_file`: the cleaned mask and the probability map
+    written; the vessel volume in mm^3."""
     mask, volume_mm3 = predictor.mask_of(probability, geometry)
     if probability_target is not None:  # before the mask: a mask exists only on success
         probability_target.parent.mkdir(parents=True, exist_ok=True)
@@ -241,12 +265,17 @@ def run_cases(
     cases: list[Case],
     probability_of: Callable[[Case], Path | None],
     pacer: Pacer,
-    overlap: bool,
+    pipeline: bool,
 ) -> Iterator[CaseResult]:
-    """:func:`run_case` for each case, in order. With ``overlap`` the next case is read and
-    preprocessed in a background thread while this one runs, so that a GPU does not wait for
-    a file to be inflated (on a CPU the network already keeps every core busy)."""
-    reader = ThreadPoolExecutor(1, thread_name_prefix="read-next") if overlap else None
+    """:func:`run_case` for each case, its report entry in order. With ``pipeline`` the next
+    case is read and preprocessed, and the last one cleaned and written, in background threads
+    while this one runs, so that a GPU waits neither for a file to be inflated nor for one to
+    be compressed (on a CPU the network already keeps every core busy). A stop signal still
+    reports every case whose outputs were being written, once they are."""
+    reader = ThreadPoolExecutor(1, thread_name_prefix="read-next") if pipeline else None
+    writer = ThreadPoolExecutor(1, thread_name_prefix="write-last") if pipeline else None
+    behind = 1 if pipeline else 0  # cases whose writes may still run while the next one runs
+    in_flight: deque[Finishing] = deque()
 
     def start(case: Case) -> Reading | None:
         return None if case.refusal else Reading(predictor, case.source, reader)
@@ -256,10 +285,73 @@ def run_cases(
         for index, case in enumerate(cases):
             reading = upcoming
             upcoming = start(cases[index + 1]) if index + 1 < len(cases) else None
-            yield run_case(predictor, case, probability_of(case), pacer, reading)
-    finally:  # a stop signal: the case being read is not waited for
+            in_flight.append(
+                run_case(predictor, case, probability_of(case), pacer, reading, writer)
+            )
+            while len(in_flight) > behind:
+                yield in_flight[0].result()
+                in_flight.popleft()
+        while in_flight:
+            yield in_flight[0].result()
+            in_flight.popleft()
+    except Interrupted:  # the first stop makes the handler ignore any later one
+        while in_flight:
+            yield in_flight[0].result()
+            in_flight.popleft()
+        raise
+    finally:  # the case being read is not waited for; a mask being written is finished
         if reader is not None:
             reader.shutdown(wait=False, cancel_futures=True)
+        if writer is not None:
+            writer.shutdown(wait=True)
+
+
+class Finishing:
+    """A case's report entry, complete once its outputs are written (maybe in another
+    thread). :func:`run_case`'s failure rules apply to each half: a case that fails loses the
+    mask (and probability map) an earlier run left for it; when its header could be read (NaN
+    or constant voxels, beyond the model's bounds, a network failure) it gets an all-zero mask
+    with the input's geometry instead, so that every input has an output of its name
+    (SHINY-ICARUS's scorer pairs files by sorted position)."""
+
+    def __init__(self, result: CaseResult, case: Case, probability_target: Path | None):
+        self.entry, self.case, self.probability_target = result, case, probability_target
+        self.started, self.writing, self.reading = time.perf_counter(), None, None
+
+    def attempt(self, step: Callable[[], object]) -> object | None:
+        """``step()``, or None with the entry marked failed (or interrupted, re-raised)."""
+        case, result, failure = self.case, self.entry, None
+        try:
+            return step()
+        except Exception as error:  # one bad case must not stop the others
+            result.status, result.error = "error", one_line(error, case.source)
+            failure = error
+        except Interrupted as stop:
+            result.status, result.error = "interrupted", f"{case.source}: {stop}"
+            stop.result = result
+            raise
+        finally:
+            result.seconds = round(time.perf_counter() - self.started, 3)
+            if result.status != "ok" and not case.keep_target:
+                remove_stale(case.target, self.probability_target)
+        headers = self.reading.headers if self.reading else []
+        if headers and not case.keep_target and not isinstance(failure, WriteError):
+            write_empty_mask(headers[0], case.target, result)  # a failed write would fail again
+        return None
+
+    def written(self, volume_mm3: float) -> None:
+        self.entry.vessel_volume_mm3, self.entry.output = volume_mm3, str(self.case.target)
+        if self.probability_target is not None:
+            self.entry.probability = str(self.probability_target)
+
+    def result(self) -> CaseResult:
+        """The entry, once the background writes are done (a stop signal may end the wait:
+        call again to finish it)."""
+        if self.writing is not None:
+            wait([self.writing])
+            writing, self.writing = self.writing, None
+            self.attempt(lambda: self.written(writing.result()))
+        return self.entry
 
 
 def run_case(
@@ -268,46 +360,32 @@ def run_case(
     probability_target: Path | None = None,
     pacer: Pacer | None = None,
     reading: Reading | None = None,
-) -> CaseResult:
-    """:func:`segment_file` with the outcome as a report entry; never raises for a bad case.
-    A case that fails loses the mask (and probability map) an earlier run left for it; when its
-    header could be read (NaN or constant voxels, beyond the model's bounds, a network
-    failure) it gets an all-zero mask with the input's geometry instead, so that every input
-    has an output of its name (SHINY-ICARUS's scorer pairs files by sorted position)."""
-    start = time.perf_counter()
+    writer: Executor | None = None,
+) -> Finishing:
+    """:func:`segment_file` with the outcome as a report entry (:class:`Finishing`); never
+    raises for a bad case. The outputs are cleaned and written here, or by ``writer``."""
     backend = predictor.backend
     result = CaseResult(str(case.source), None, "ok", None, 0.0, backend.device, backend.name)
     result.interface = case.interface
-    reading = reading or Reading(predictor, case.source)
-    failure: Exception | None = None
-    try:
+    finishing = Finishing(result, case, probability_target)
+    finishing.reading = reading = reading or Reading(predictor, case.source)
+    pacer = pacer or Pacer(predictor)
+
+    def predict() -> tuple[np.ndarray, Geometry]:
         if case.refusal:
             raise InputError(case.refusal)
-        result.vessel_volume_mm3 = segment_file(
-            predictor, case.source, case.target, probability_target, pacer, result, reading
-        )
-        result.output = str(case.target)
-        if probability_target is not None:
-            result.probability = str(probability_target)
-    except Exception as error:  # one bad case must not stop the others
-        result.status, result.error = "error", one_line(error, case.source)
-        failure = error
-    except Interrupted as stop:
-        result.status, result.error = "interrupted", f"{case.source}: {stop}"
-        stop.result = result
-        raise
-    finally:
-        result.seconds = round(time.perf_counter() - start, 3)
-        if result.status != "ok" and not case.keep_target:
-            remove_stale(case.target, probability_target)
-    if (
-        result.status != "ok"
-        and reading.headers
-        and not case.keep_target
-        and not isinstance(failure, WriteError)
-    ):  # a write that failed would fail again
-        write_empty_mask(reading.headers[0], case.target, result)
-    return result
+        return predict_file(predictor, case.source, pacer, result, reading)
+
+    predicted = finishing.attempt(predict)
+    if predicted is None:
+        return finishing
+    write = functools.partial(write_outputs, predictor, *predicted, case.target, probability_target)
+    del predicted  # the writer holds the probability map only until it is written
+    if writer is None:
+        finishing.attempt(lambda: finishing.written(write()))
+    else:
+        finishing.writing = writer.submit(write)
+    return finishing
 
 
 def write_empty_mask(geometry: Geometry, target: Path, result: CaseResult) -> None:

@@ -49,7 +49,12 @@ _deferred = {"depth": 0, "signum": None}  # signal handlers run in the main thre
 @contextlib.contextmanager
 def uninterrupted() -> Iterator[None]:
     """Defer :class:`Interrupted` to the end of the block: a write and its cleanup finish (or
-    fail) as a whole, so that a stop never leaves a temporary or half-written file."""
+    fail) as a whole, so that a stop never leaves a temporary or half-written file. Signals
+    interrupt the main thread only: a block in another thread (``run_cases``'s writer) needs no
+    deferral."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     _deferred["depth"] += 1
     try:
         yield

@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import SimpleITK as sitk
 from helpers import tube_array, tube_volume, write_weights
 
 import process
+from inference import cases
 from inference.cases import Reading
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import read_image
@@ -114,7 +116,7 @@ def test_flat_folder_with_bad_inputs_as_a_subprocess(tmp_path, weights, cache):
         str(outputs),
         "--weights",
         str(weights),
-        "--read-ahead",  # every bad case is then read in the background thread
+        "--pipeline",  # every bad case is then read and written in the background threads
         "on",
     ]
     done = subprocess.run(
@@ -128,7 +130,7 @@ def test_flat_folder_with_bad_inputs_as_a_subprocess(tmp_path, weights, cache):
     inputs.chmod(0o755)
     assert done.returncode == 1, done.stderr
     report = json.loads((outputs / "results.json").read_text())
-    assert report["read_ahead"] is True
+    assert report["pipeline"] is True
     entries = {Path(e["input"]).name.split("_0000")[0]: e for e in report["cases"]}
     assert set(entries) == set(errors) | set(goods)
     error_lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
@@ -211,12 +213,14 @@ def test_grand_challenge_layout_keeps_name_and_format(tmp_path, weights, cache):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(mask), values > 0.5)
 
 
-def test_read_ahead_reads_the_next_case_while_this_one_runs(tmp_path, weights, cache, monkeypatch):
+def test_pipeline_reads_the_next_case_and_writes_the_last_while_this_one_runs(
+    tmp_path, weights, cache, monkeypatch
+):
     inputs = tmp_path / "input"
     inputs.mkdir()
     names = [path.name for path in good_inputs(inputs).values()]
     events: list[tuple[str, str, str]] = []  # what, case, thread
-    read, predict = Reading.read, Predictor.probability_of_input
+    read, predict, write = Reading.read, Predictor.probability_of_input, cases.write_outputs
 
     def logged_read(self):
         events.append(("read", self.source.name, threading.current_thread().name))
@@ -228,25 +232,45 @@ def test_read_ahead_reads_the_next_case_while_this_one_runs(tmp_path, weights, c
         events.append(("predicted", "", ""))
         return probability
 
+    def logged_write(predictor, probability, geometry, target, probability_target):
+        events.append(("writing", target.name, threading.current_thread().name))
+        case = sum(event[0] == "writing" for event in events)
+        deadline = time.monotonic() + 30
+        while pipeline == "on" and case < len(names) and time.monotonic() < deadline:
+            if sum(event[0] == "predicting" for event in events) > case:
+                break  # the next case's network runs while this one is written
+            time.sleep(0.01)
+        volume_mm3 = write(predictor, probability, geometry, target, probability_target)
+        events.append(("written", target.name, ""))
+        return volume_mm3
+
     monkeypatch.setattr(Reading, "read", logged_read)
     monkeypatch.setattr(Predictor, "probability_of_input", logged_predict)
+    monkeypatch.setattr(cases, "write_outputs", logged_write)
     masks = {}
-    for read_ahead in ("on", "off"):
-        outputs = tmp_path / read_ahead
+    for pipeline in ("on", "off"):
+        outputs = tmp_path / pipeline
         events.clear()
         arguments = ["--input", str(inputs), "--output", str(outputs), "--weights", str(weights)]
-        assert process.main([*arguments, "--read-ahead", read_ahead]) == 0
-        masks[read_ahead] = {p.name: sitk.ReadImage(str(p)) for p in outputs.glob("*.nii.gz")}
+        assert process.main([*arguments, "--pipeline", pipeline]) == 0
+        masks[pipeline] = {p.name: sitk.ReadImage(str(p)) for p in outputs.glob("*.nii.gz")}
+        report = json.loads((outputs / "results.json").read_text())
+        assert [Path(entry["input"]).name for entry in report["cases"]] == sorted(names)
+        assert all(entry["status"] == "ok" and entry["output"] for entry in report["cases"])
         reads = [event for event in events if event[0] == "read"]
+        writes = [event for event in events if event[0] == "writing"]
         assert sorted(case for _, case, _ in reads) == sorted(names)
-        # with read-ahead, each next case is read in the background while the network runs
-        ahead = [event[2].startswith("read-next") for event in reads]
-        assert ahead == [read_ahead == "on"] * len(names), reads
-        if read_ahead == "on":  # case k+1 is read before case k's network has finished
-            order = [event[0] if event[0] != "read" else event[1] for event in events]
-            ended = [i for i, what in enumerate(order) if what == "predicted"]
-            for k, (_, case, _) in enumerate(reads[1:]):
-                assert order.index(case) < ended[k], order
+        # pipelined, each next case is read and each last one written in the background
+        assert [e[2].startswith("read-next") for e in reads] == [pipeline == "on"] * len(names)
+        assert [e[2].startswith("write-last") for e in writes] == [pipeline == "on"] * len(names)
+        if pipeline == "on":
+            order = [event[:2] for event in events]
+            started = [i for i, event in enumerate(order) if event[0] == "predicting"]
+            ended = [i for i, event in enumerate(order) if event[0] == "predicted"]
+            for k, (_, case, _) in enumerate(reads[1:]):  # case k+1 read before k's network ends
+                assert order.index(("read", case)) < ended[k], order
+            for k, (_, target, _) in enumerate(writes[:-1]):  # case k written after k+1 started
+                assert order.index(("written", target)) > started[k + 1], order
     assert masks["on"].keys() == masks["off"].keys() and len(masks["on"]) == len(names)
     for name, mask in masks["on"].items():
         np.testing.assert_array_equal(

@@ -527,10 +527,14 @@ def test_an_unwritable_output_folder_is_one_line_and_exit_2(tmp_path, weights, c
     assert len(lines) == 1 and "not writable" in lines[0]
 
 
-def test_sigterm_mid_case_marks_it_interrupted_and_keeps_what_was_written(tmp_path, weights):
+@pytest.mark.parametrize("pipeline", ["off", "on"])
+def test_sigterm_mid_case_marks_it_interrupted_and_keeps_what_was_written(
+    tmp_path, weights, pipeline
+):
     """``docker stop``: the running case is marked ``interrupted``, the finished one keeps its
-    mask, no temporary file stays (nor one a killed run left), exit status 143. The report of
-    an earlier run is replaced by this run's as soon as it starts."""
+    mask (pipelined: written in the background while the next case runs, and reported), no
+    temporary file stays (nor one a killed run left), exit status 143. The report of an
+    earlier run is replaced by this run's as soon as it starts."""
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     outputs.mkdir()
@@ -549,7 +553,7 @@ def test_sigterm_mid_case_marks_it_interrupted_and_keeps_what_was_written(tmp_pa
             time.sleep(0.02)
 
     with open(log, "w") as sink:
-        child = run_script(*command, "--tta", "--folds", "0", stderr=sink)
+        child = run_script(*command, "--tta", "--folds", "0", "--pipeline", pipeline, stderr=sink)
         wait_for("a_0000")
         running = report(outputs)  # during the first case
         wait_for("b_0000")
