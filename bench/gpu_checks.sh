@@ -8,6 +8,7 @@
 #      reference row), A' (MONAI warmed up, cuDNN autotuned, bf16 autocast (fp16 on pre-Ampere
 #      GPUs), channels-last, the best sw_batch_size of 4/8/16/32), the project's CUDA
 #      pipeline and its network passes alone; seconds, ratios, mask Dice, peak GPU memory;
+#   2b. bench_graphs.py: torch.compile and CUDA graphs against eager on the fixed batch shape;
 #   3. (not with --quick) a folder of $CASES (4) such phantoms end to end: A' at its best
 #      sw_batch_size from step 2, the project through process.py's folder path, and the
 #      network alone, so that the end-to-end / network ratio shows any CPU work the GPU waits on;
@@ -76,6 +77,15 @@ rows = json.load(sys.stdin)
 print(rows.get("monai_torch_tuned", rows.get("monai_openvino", {})).get("sw_batch_size", 16))' \
     <"$out/bench_$name.json")
 weights=$("$python" -c 'import json, sys; print(json.load(sys.stdin)["weights"])' <"$out/bench_$name.json")
+
+# 2b. Graph capture (torch.compile, CUDA graphs) against eager cuDNN on the fixed batch shape;
+# one fold (the time per batch is the same for each). max-autotune only with GRAPHS_ALL=1: it
+# autotunes for minutes.
+graphs="eager cudagraphs inductor inductor-cudagraphs"
+[[ ${GRAPHS_ALL:-0} == 1 ]] && graphs="$graphs inductor-max-autotune"
+# shellcheck disable=SC2086  # one contender per word
+"$python" bench/bench_graphs.py --device "$device" --folds 1 --weights "$weights" \
+    --only $graphs | tee "$out/graphs.json" || echo "bench_graphs.py failed: see gpu.log"
 
 # 3. A folder of cases end to end.
 reports=("$out/bench_$name.json")
