@@ -23,6 +23,9 @@ patch/8), threshold 0.5 and the same connected-component cleaning:
 - ``project``: ``process.py``'s folder path (find the cases, then per case read, preprocess,
   predict, clean, write, report) with the OpenVINO backend (CPU) or the torch backend (CUDA);
 - ``project_int8`` (``--int8``, CPU): the same with ``--precision int8``;
+- ``project_deterministic`` and ``project_deterministic_rerun`` (``--deterministic``, CUDA):
+  the same with ``--deterministic`` (deterministic cuDNN algorithms, no autotuning), in two
+  processes: its cost against ``project``, and whether the two runs' masks are bit-identical;
 - ``network_only``: the project's folds running the cases' windows, nothing else.
 
 Each contender runs in its own process (peak RSS is its own). Setup (loading, converting,
@@ -58,10 +61,13 @@ CONTENDERS = (
     "monai_openvino",
     "project",
     "project_int8",
+    "project_deterministic",
+    "project_deterministic_rerun",
     "network_only",
 )
 CPU_ONLY = ("monai_openvino", "project_int8")
-CUDA_ONLY = ("monai_torch_tuned",)
+DETERMINISTIC = ("project_deterministic", "project_deterministic_rerun")
+CUDA_ONLY = ("monai_torch_tuned", *DETERMINISTIC)
 TUNE_SW = {"cpu": (1, 2, 4, 8), "cuda": (4, 8, 16, 32)}
 DEFAULT_SW = {"monai_torch": 4, "monai_openvino": 8, "monai_torch_tuned": 16}
 SUFFIX = "_0000.nii.gz"
@@ -315,7 +321,7 @@ def sw_of(name: str, args) -> int:
 # --- the project ------------------------------------------------------------------------------
 
 
-def project_predictor(weights: Path, args, precision: str = "auto"):
+def project_predictor(weights: Path, args, precision: str = "auto", deterministic=False):
     from inference.predictor import Predictor, PredictorSettings
 
     settings = PredictorSettings(
@@ -324,6 +330,7 @@ def project_predictor(weights: Path, args, precision: str = "auto"):
         folds=list(range(args.folds)),
         batch_size=args.batch_size,
         precision=precision,
+        deterministic=deterministic,
     )
     return Predictor(weights, settings)
 
@@ -358,7 +365,8 @@ def run_project(name: str, sources: list[Path], out: Path, weights: Path, args) 
         from train import int8
 
         int8.main([str(weights), "--output", str(cache_dir())])
-    predictor = project_predictor(weights, args, "int8" if name == "project_int8" else "auto")
+    precision = "int8" if name == "project_int8" else "auto"
+    predictor = project_predictor(weights, args, precision, name in DETERMINISTIC)
     info = {"setup_s": time.perf_counter() - start, "precision": predictor.backend.precision}
     segment_file(predictor, sources[0], out.parent / "warm-up" / output_name(sources[0]))
     if name == "network_only":
@@ -462,6 +470,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--tune", action="store_true", help=f"the best sw_batch_size of {TUNE_SW}")
     parser.add_argument("--int8", action="store_true", help="also the project with int8 (CPU)")
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="also the project with --deterministic, in two processes (CUDA): its cost, and "
+        "whether the two runs' masks are bit-identical",
+    )
     parser.add_argument("--threads", type=int, default=None, help="default: all available")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", choices=CONTENDERS)
@@ -482,6 +496,7 @@ def chosen_contenders(args) -> list[str]:
         names = list(args.only)
     else:
         names = [n for n in CONTENDERS if n != "project_int8" or args.int8]
+        names = [n for n in names if n not in DETERMINISTIC or args.deterministic]
     excluded = CPU_ONLY if args.device == "cuda" else CUDA_ONLY
     return [name for name in names if name not in excluded]
 
@@ -573,9 +588,15 @@ def summarize(results: dict, out: Path, sources: list[Path], truth: list) -> Non
         ("project", "monai_torch_tuned", "dice_project_vs_a_tuned"),
         ("project_int8", "monai_torch", "dice_int8_vs_a"),
         ("project_int8", "project", "dice_int8_vs_project"),
+        ("project_deterministic", "project", "dice_deterministic_vs_project"),
     ):
         if contender in masks and reference in masks:
             results[key] = mean_dice(masks[contender], masks[reference])
+    if all(name in masks for name in DETERMINISTIC):
+        runs = [masks[name] for name in DETERMINISTIC]
+        results["deterministic_runs_bit_identical"] = all(
+            np.array_equal(a, b) for a, b in zip(*runs, strict=True)
+        )
 
 
 def read_masks(folder: Path, sources: list[Path]) -> list:
@@ -600,6 +621,7 @@ def ratios(results: dict) -> dict:
         ("project", "monai_openvino", "project_over_b"),
         ("project_int8", "monai_openvino", "project_int8_over_b"),
         ("project_int8", "project", "project_int8_over_project"),
+        ("project_deterministic", "project", "deterministic_over_project"),
         ("monai_torch_tuned", "monai_torch", "a_tuned_over_a"),
         ("monai_openvino", "monai_torch", "b_over_a"),
     )

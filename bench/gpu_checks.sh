@@ -7,7 +7,8 @@
 #      volume), $FOLDS folds (5), overlap 0.5, --tune: baseline A (MONAI, eager fp32, the
 #      reference row), A' (MONAI warmed up, cuDNN autotuned, bf16 autocast (fp16 on pre-Ampere
 #      GPUs), channels-last, the best sw_batch_size of 4/8/16/32), the project's CUDA
-#      pipeline and its network passes alone; seconds, ratios, mask Dice, peak GPU memory;
+#      pipeline, the same with --deterministic in two processes (its cost, bit-identical masks),
+#      and its network passes alone; seconds, ratios, mask Dice, peak GPU memory;
 #   2b. bench_graphs.py: torch.compile and CUDA graphs against eager on the fixed batch shape;
 #   3. (not with --quick) a folder of $CASES (4) such phantoms end to end: A' at its best
 #      sw_batch_size from step 2, the project through process.py's folder path, and the
@@ -71,7 +72,8 @@ bench() { "$python" bench/bench_inference.py --device "$device" --folds "$folds"
 
 # 2. One volume: A, A' tuned, the project, the network alone.
 # shellcheck disable=SC2086  # $shape is three numbers
-bench --shape $shape --cases 1 --tune --workdir "$work/one" | tee "$out/bench_$name.json" || exit 3
+bench --shape $shape --cases 1 --tune --deterministic --workdir "$work/one" \
+    | tee "$out/bench_$name.json" || exit 3
 best=$("$python" -c 'import json, sys
 rows = json.load(sys.stdin)
 print(rows.get("monai_torch_tuned", rows.get("monai_openvino", {})).get("sw_batch_size", 16))' \
@@ -116,6 +118,9 @@ for path in sys.argv[1:]:
     network = rows.get("network_only", {}).get("seconds")
     flop = windows * rows["folds"] * rows["cases"] * GFLOP_PER_WINDOW * 1e9
     entry = {"volume": rows["volume"], "cases": rows["cases"], **rows.get("ratios", {})}
+    for key in ("deterministic_runs_bit_identical", "dice_deterministic_vs_project"):
+        if key in rows:
+            entry[key] = rows[key]
     entry["peak_gpu_mb"] = {k: v.get("peak_gpu_mb") for k, v in rows.items()
                             if isinstance(v, dict) and "peak_gpu_mb" in v}
     if network:
