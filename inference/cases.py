@@ -280,6 +280,12 @@ def run_cases(
     def start(case: Case) -> Reading | None:
         return None if case.refusal else Reading(predictor, case.source, reader)
 
+    def finished(keep: int) -> Iterator[CaseResult]:
+        """The oldest entries, each once its writes are done, until ``keep`` are left."""
+        while len(in_flight) > keep:
+            yield in_flight[0].result()
+            in_flight.popleft()
+
     try:
         upcoming = start(cases[0]) if cases else None
         for index, case in enumerate(cases):
@@ -288,16 +294,10 @@ def run_cases(
             in_flight.append(
                 run_case(predictor, case, probability_of(case), pacer, reading, writer)
             )
-            while len(in_flight) > behind:
-                yield in_flight[0].result()
-                in_flight.popleft()
-        while in_flight:
-            yield in_flight[0].result()
-            in_flight.popleft()
+            yield from finished(behind)
+        yield from finished(0)
     except Interrupted:  # the first stop makes the handler ignore any later one
-        while in_flight:
-            yield in_flight[0].result()
-            in_flight.popleft()
+        yield from finished(0)
         raise
     finally:  # the case being read is not waited for; a mask being written is finished
         if reader is not None:
@@ -314,9 +314,11 @@ class Finishing:
     with the input's geometry instead, so that every input has an output of its name
     (SHINY-ICARUS's scorer pairs files by sorted position)."""
 
-    def __init__(self, result: CaseResult, case: Case, probability_target: Path | None):
+    def __init__(
+        self, result: CaseResult, case: Case, probability_target: Path | None, reading: Reading
+    ):
         self.entry, self.case, self.probability_target = result, case, probability_target
-        self.started, self.writing, self.reading = time.perf_counter(), None, None
+        self.reading, self.started, self.writing = reading, time.perf_counter(), None
 
     def attempt(self, step: Callable[[], object]) -> object | None:
         """``step()``, or None with the entry marked failed (or interrupted, re-raised)."""
@@ -334,7 +336,7 @@ class Finishing:
             result.seconds = round(time.perf_counter() - self.started, 3)
             if result.status != "ok" and not case.keep_target:
                 remove_stale(case.target, self.probability_target)
-        headers = self.reading.headers if self.reading else []
+        headers = self.reading.headers
         if headers and not case.keep_target and not isinstance(failure, WriteError):
             write_empty_mask(headers[0], case.target, result)  # a failed write would fail again
         return None
@@ -367,8 +369,8 @@ def run_case(
     backend = predictor.backend
     result = CaseResult(str(case.source), None, "ok", None, 0.0, backend.device, backend.name)
     result.interface = case.interface
-    finishing = Finishing(result, case, probability_target)
-    finishing.reading = reading = reading or Reading(predictor, case.source)
+    reading = reading or Reading(predictor, case.source)
+    finishing = Finishing(result, case, probability_target, reading)
     pacer = pacer or Pacer(predictor)
 
     def predict() -> tuple[np.ndarray, Geometry]:

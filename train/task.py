@@ -8,7 +8,6 @@ run configuration together. The ClientApp wraps these two and nothing else.
 
 from __future__ import annotations
 
-import functools
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -40,7 +39,6 @@ class FitResult:
     seconds: float
 
 
-@functools.cache
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
