@@ -103,10 +103,12 @@ def run_contender(backend, eager_nets, name: str, batch, repeats: int) -> tuple[
 
 
 def mask_dice(a: np.ndarray, b: np.ndarray, folds: int) -> float:
-    """Dice of the masks (> 0.5 of the fold mean) of two fold sums."""
+    """Dice of the masks (> 0.5 of the fold mean) of two fold sums (N, Z, Y, X), the batch's
+    windows stacked along z (the metric takes one volume)."""
     from metrics import dice
 
-    return float(dice(a > 0.5 * folds, b > 0.5 * folds))
+    first, second = (m.reshape(-1, *m.shape[-2:]) > 0.5 * folds for m in (a, b))
+    return float(dice(first, second))
 
 
 def main() -> int:
