@@ -4,7 +4,7 @@
     python -m study train fold0             # one run of study.runs.RUNS (resumes)
     python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
     python -m study evaluate                # Tables 1-3 -> results/results.md, curves
-    python -m study pilot                   # the data pilot: two narrow folds, then scores
+    python -m study pilot                   # the pilots: data family and learning rate
     python -m study all                     # data, every run, postprocess, evaluate (days)
     python -m study ship fold0 --to weights # copy the folds and their cleaning to a folder
 
@@ -52,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         train(paths, args.run)
     if args.command == "pilot":
-        for run in ("pilot-reference", "pilot-randomised"):
+        for run in ("pilot-reference", "pilot-randomised", "pilot-randomised-lr1e-4"):
             train(paths, run)
         print(tables.evaluate_pilot(paths))
+        print(tables.learning_rates(paths))
     if args.command == "all":
         for run in RUNS:
             if not run.startswith("pilot"):

@@ -27,6 +27,10 @@ DP_ROW = (("dp-clipping-norm", 10.0), ("dp-noise-multiplier", 0.5))
 """Table 4's private row: noise of std 0.5 x 10 / 3 sites on the averaged update."""
 PILOT_ROUNDS = 20
 PILOT = (("base-channels", 8), ("patience", PILOT_ROUNDS))
+PAPER_LEARNING_RATE = 1e-4
+LR_PILOT_ROUNDS = 10
+"""The randomised pilot again at the paper's learning rate for its first half: the measurement
+behind the study's 1e-3 (README, Pilot)."""
 FOLDS = "folds"
 """The run folder the five folds share (their weights merge into one manifest)."""
 
@@ -59,6 +63,11 @@ RUNS: dict[str, Run] = {
     "fedavg-dp": Run("federation", settings=DP_ROW),
     "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
     "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
+    "pilot-randomised-lr1e-4": Run(
+        "federation",
+        rounds=LR_PILOT_ROUNDS,
+        settings=(*PILOT, ("learning-rate", PAPER_LEARNING_RATE)),
+    ),
 }
 
 

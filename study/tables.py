@@ -18,7 +18,7 @@ from postprocess import CleaningSettings
 from study import postprocessing
 from study.data import EVALUATION_SETS, PARTIAL_SITE
 from study.paths import StudyPaths
-from study.runs import FOLDS, PILOT_ROUNDS, folder_of
+from study.runs import COMMON, FOLDS, LR_PILOT_ROUNDS, PILOT_ROUNDS, RUNS, folder_of
 from study.scoring import case_results, cleaned, predict, score, table
 
 SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
@@ -148,6 +148,36 @@ def evaluate_pilot(paths: StudyPaths) -> str:
         text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "pilot.md").write_text(text)
+    return text
+
+
+def learning_rates(paths: StudyPaths) -> str:
+    """Validation Dice per round of the randomised pilot at 1e-3 and at the paper's 1e-4, over
+    the rounds both ran -> ``results/learning-rate.md``."""
+    runs = ("pilot-randomised", "pilot-randomised-lr1e-4")
+    curves = {}
+    for run in runs:
+        state = paths.runs / folder_of(run) / "train" / "fold0" / "state.json"
+        if state.is_file():
+            history = json.loads(state.read_text())["history"][:LR_PILOT_ROUNDS]
+            curves[run] = [record["validation"]["dice"] for record in history]
+    rounds = min((len(curve) for curve in curves.values()), default=0)
+    header = " | ".join(f"r{r}" for r in range(1, rounds + 1))
+    lines = [
+        f"### Learning rate: validation Dice per round, width-8 pilot, first {rounds} rounds",
+        "",
+        f"| Adam | {header} | best | mean of last 3 |",
+        "|---" * (rounds + 3) + "|",
+    ]
+    for run, curve in curves.items():
+        rate = dict(RUNS[run].settings).get("learning-rate", COMMON["learning-rate"])
+        cells = " | ".join(f"{d:.3f}" for d in curve[:rounds])
+        last = np.mean(curve[max(rounds - 3, 0) : rounds]) if rounds else float("nan")
+        best = max(curve[:rounds], default=float("nan"))
+        lines.append(f"| {rate:g} | {cells} | {best:.3f} | {last:.3f} |")
+    text = "\n".join(lines) + "\n"
+    paths.results.mkdir(parents=True, exist_ok=True)
+    (paths.results / "learning-rate.md").write_text(text)
     return text
 
 

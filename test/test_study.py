@@ -8,7 +8,7 @@ from helpers import write_weights
 from model.weights import load_manifest
 from postprocess import CleaningSettings
 from study import data as study_data
-from study import postprocessing
+from study import postprocessing, tables
 from study.__main__ import main
 from study.paths import StudyPaths
 from study.runs import FOLDS
@@ -114,3 +114,17 @@ def test_ship_refuses_a_run_without_a_chosen_cleaning(tiny_study, tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m study postprocess pooled"):
         main(["--root", str(tiny_study.root), "ship", "pooled", "--to", str(tmp_path / "w")])
     assert not (tmp_path / "w").exists()
+
+
+def test_learning_rate_table_compares_the_rounds_both_pilots_ran(tmp_path):
+    paths = StudyPaths.at(tmp_path)
+    curves = {"pilot-randomised": [0.2, 0.5, 0.4, 0.6, 0.7], "pilot-randomised-lr1e-4": [0.1, 0.3]}
+    for run, curve in curves.items():
+        state = paths.runs / run / "train" / "fold0" / "state.json"
+        state.parent.mkdir(parents=True)
+        history = [{"round": r + 1, "validation": {"dice": d}} for r, d in enumerate(curve)]
+        state.write_text(json.dumps({"history": history}))
+    text = tables.learning_rates(paths)
+    assert "| 0.001 | 0.200 | 0.500 | 0.500 | 0.350 |" in text  # rounds 1-2, best, mean
+    assert "| 0.0001 | 0.100 | 0.300 | 0.300 | 0.200 |" in text
+    assert (paths.results / "learning-rate.md").read_text() == text
