@@ -21,7 +21,7 @@ from pathlib import Path
 from study import postprocessing, ship, tables
 from study.data import make_data
 from study.paths import StudyPaths
-from study.runs import RUNS, train
+from study.runs import PILOTS, RUNS, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,13 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         train(paths, args.run)
     if args.command == "pilot":
-        for run in ("pilot-reference", "pilot-randomised", "pilot-randomised-lr1e-4"):
+        for run in PILOTS:
             train(paths, run)
         print(tables.evaluate_pilot(paths))
         print(tables.learning_rates(paths))
     if args.command == "all":
         for run in RUNS:
-            if not run.startswith("pilot"):
+            if run not in PILOTS:
                 train(paths, run)
     if args.command in ("postprocess", "all"):
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))

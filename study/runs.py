@@ -74,6 +74,10 @@ RUNS: dict[str, Run] = {
 }
 
 
+PILOTS = tuple(name for name in RUNS if name.startswith("pilot"))
+"""The pilots (data family, learning rate): trained by ``python -m study pilot``, not ``all``."""
+
+
 def folder_of(name: str) -> str:
     """The folder under ``runs/`` that run ``name`` trains and exports into."""
     return RUNS[name].folder or name

@@ -154,13 +154,11 @@ def evaluate_pilot(paths: StudyPaths) -> str:
 def learning_rates(paths: StudyPaths) -> str:
     """Validation Dice per round of the randomised pilot at 1e-3 and at the paper's 1e-4, over
     the rounds both ran -> ``results/learning-rate.md``."""
-    runs = ("pilot-randomised", "pilot-randomised-lr1e-4")
     curves = {}
-    for run in runs:
-        state = paths.runs / folder_of(run) / "train" / "fold0" / "state.json"
-        if state.is_file():
-            history = json.loads(state.read_text())["history"][:LR_PILOT_ROUNDS]
-            curves[run] = [record["validation"]["dice"] for record in history]
+    for run in ("pilot-randomised", "pilot-randomised-lr1e-4"):
+        history = training_history(paths, folder_of(run), RUNS[run].fold)
+        if history is not None:
+            curves[run] = [record["validation"]["dice"] for record in history[:LR_PILOT_ROUNDS]]
     rounds = min((len(curve) for curve in curves.values()), default=0)
     header = " | ".join(f"r{r}" for r in range(1, rounds + 1))
     lines = [
@@ -170,15 +168,21 @@ def learning_rates(paths: StudyPaths) -> str:
         "|---" * (rounds + 3) + "|",
     ]
     for run, curve in curves.items():
+        curve = curve[:rounds]
         rate = dict(RUNS[run].settings).get("learning-rate", COMMON["learning-rate"])
-        cells = " | ".join(f"{d:.3f}" for d in curve[:rounds])
-        last = np.mean(curve[max(rounds - 3, 0) : rounds]) if rounds else float("nan")
-        best = max(curve[:rounds], default=float("nan"))
+        cells = " | ".join(f"{d:.3f}" for d in curve)
+        best, last = (max(curve), np.mean(curve[-3:])) if curve else (np.nan, np.nan)
         lines.append(f"| {rate:g} | {cells} | {best:.3f} | {last:.3f} |")
     text = "\n".join(lines) + "\n"
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "learning-rate.md").write_text(text)
     return text
+
+
+def training_history(paths: StudyPaths, run_folder: str, fold: int) -> list[dict] | None:
+    """The per-round records of one fold of a run folder (``state.json``), None if untrained."""
+    state = paths.runs / run_folder / "train" / f"fold{fold}" / "state.json"
+    return json.loads(state.read_text())["history"] if state.is_file() else None
 
 
 def _worst_case(paths: StudyPaths, masks: dict) -> str:
@@ -205,10 +209,9 @@ def plot_curves(paths: StudyPaths, path: Path) -> None:
 
     figure, (loss_axis, dice_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     for fold in range(5):
-        state = paths.runs / FOLDS / "train" / f"fold{fold}" / "state.json"
-        if not state.exists():
+        history = training_history(paths, FOLDS, fold)
+        if history is None:
             continue
-        history = json.loads(state.read_text())["history"]
         rounds = np.array([record["round"] for record in history])
         loss_axis.plot(rounds, [r["train"]["loss"] for r in history], "o-", label=f"fold {fold}")
         dice_axis.plot(
