@@ -51,8 +51,7 @@ def predict(weights: Path, folds: list[int], images: Path, out: Path) -> Path:
 def cleaned(raw: Path, settings: CleaningSettings) -> Path:
     """The masks of ``raw`` after connected-component cleaning with ``settings`` (a sibling
     folder named after the settings; rewritten each time)."""
-    tag = f"v{settings.min_volume_mm3:g}-f{settings.min_fraction_of_largest:g}"
-    out = raw.with_name(f"{raw.name}-cc-{tag}")
+    out = cleaned_folder(raw, settings)
     out.mkdir(exist_ok=True)
     for file in sorted(raw.glob("*.nii.gz")):
         image = sitk.ReadImage(str(file))
@@ -62,6 +61,12 @@ def cleaned(raw: Path, settings: CleaningSettings) -> Path:
         sitk.WriteImage(result, str(out / file.name), useCompression=True)
     case_results.cache_clear()
     return out
+
+
+def cleaned_folder(raw: Path, settings: CleaningSettings) -> Path:
+    """Where :func:`cleaned` writes the masks of ``raw`` cleaned with ``settings``."""
+    tag = f"v{settings.min_volume_mm3:g}-f{settings.min_fraction_of_largest:g}"
+    return raw.with_name(f"{raw.name}-cc-{tag}")
 
 
 @functools.cache

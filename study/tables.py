@@ -19,7 +19,7 @@ from study import postprocessing
 from study.data import EVALUATION_SETS, PARTIAL_SITE
 from study.paths import StudyPaths
 from study.runs import COMMON, FOLDS, LR_PILOT_ROUNDS, PILOT_ROUNDS, RUNS, folder_of
-from study.scoring import case_results, cleaned, predict, score, table
+from study.scoring import case_results, cleaned, cleaned_folder, predict, score, table
 
 SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
 PARTIAL_RUNS = {
@@ -84,7 +84,12 @@ def evaluate(paths: StudyPaths) -> str:
         "Table 3: the five folds": shipped,
     }
     text = "".join(f"### {title}\n\n{_both_sets(body)}\n" for title, body in tables.items())
-    text += "### Five-fold ensemble by held-out test site\n\n" + _by_site(paths, folds, settings)
+    text += "### Five-fold ensemble by held-out test site\n\n" + _by_site(paths, settings)
+    for set_label, folder in EVALUATION_SETS.items():
+        ensemble = cleaned_folder(paths.results / FOLDS / f"ensemble-{folder}", settings)
+        picture = paths.results / f"ensemble-worst-{folder}.png"
+        worst = draw_worst_case(paths.data / folder, {"five-fold ensemble": ensemble}, picture)
+        text += f"\nWorst {set_label} case of the ensemble: {worst} ({picture.name})\n"
     text += "\n" + partial_labels_table(paths, settings)
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "results.md").write_text(text)
@@ -117,8 +122,8 @@ def _both_sets(rows: dict[str, dict | None]) -> str:
     return table(held_out, extra={"independent": independent})
 
 
-def _by_site(paths: StudyPaths, folds: list[int], settings: CleaningSettings) -> str:
-    masks = cleaned(paths.results / FOLDS / "ensemble-test", settings)
+def _by_site(paths: StudyPaths, settings: CleaningSettings) -> str:
+    masks = cleaned_folder(paths.results / FOLDS / "ensemble-test", settings)
     truth = paths.data / "test" / "ground_truth"
     rows = {
         f"test site {k}{' (unseen acquisition)' if k == 4 else ''}": score(
@@ -144,7 +149,9 @@ def evaluate_pilot(paths: StudyPaths) -> str:
             rows[f"{run}, {set_label}"] = score(masks[run, folder], data / "ground_truth")
     text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
     if ("pilot-randomised", "independent") in masks:
-        worst = _worst_case(paths, masks)
+        pilots = {run: masks[run, "independent"] for run in ("pilot-randomised", "pilot-reference")}
+        picture = paths.results / "pilot-worst-independent.png"
+        worst = draw_worst_case(paths.data / "independent", pilots, picture)
         text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "pilot.md").write_text(text)
@@ -185,18 +192,14 @@ def training_history(paths: StudyPaths, run_folder: str, fold: int) -> list[dict
     return json.loads(state.read_text())["history"] if state.is_file() else None
 
 
-def _worst_case(paths: StudyPaths, masks: dict) -> str:
-    """Draw truth and both pilots' masks of the randomised fold's worst independent case."""
-    data = paths.data / "independent"
-    results = case_results(masks["pilot-randomised", "independent"], data / "ground_truth")
-    worst = min(results, key=lambda r: r.metrics["Dice"]).case
-    panels = [(f"{worst}: truth", data / "ground_truth" / f"{worst}.nii.gz")] + [
-        (run, masks[run, "independent"] / f"{worst}.nii.gz")
-        for run in ("pilot-reference", "pilot-randomised")
-        if (run, "independent") in masks
-    ]
-    image = data / "input" / f"{worst}_0000.nii.gz"
-    mip_panel(image, panels, paths.results / "pilot-worst-independent.png")
+def draw_worst_case(data: Path, masks: dict[str, Path], picture: Path) -> str:
+    """MIPs of the case of the evaluation set ``data`` that the first of ``masks`` segments
+    worst (Dice): its truth, then each folder's mask of it -> ``picture``; returns the case."""
+    first = next(iter(masks.values()))
+    worst = min(case_results(first, data / "ground_truth"), key=lambda r: r.metrics["Dice"]).case
+    panels = [(f"{worst}: truth", data / "ground_truth" / f"{worst}.nii.gz")]
+    panels += [(name, folder / f"{worst}.nii.gz") for name, folder in masks.items()]
+    mip_panel(data / "input" / f"{worst}_0000.nii.gz", panels, picture)
     return worst
 
 

@@ -128,3 +128,30 @@ def test_learning_rate_table_compares_the_rounds_both_pilots_ran(tmp_path):
     assert "| 0.001 | 0.200 | 0.500 | 0.500 | 0.350 |" in text  # rounds 1-2, best, mean
     assert "| 0.0001 | 0.100 | 0.300 | 0.300 | 0.200 |" in text
     assert (paths.results / "learning-rate.md").read_text() == text
+
+
+def test_worst_case_picture_shows_the_case_the_first_masks_segment_worst(tiny_study, tmp_path):
+    import SimpleITK as sitk
+    from PIL import Image
+
+    data = tiny_study.data / "independent"
+    truths = sorted((data / "ground_truth").glob("*.nii.gz"))
+    ranked, other = tmp_path / "ranked", tmp_path / "other"
+    for folder in (ranked, other):
+        folder.mkdir()
+    for number, truth in enumerate(truths):
+        image = sitk.ReadImage(str(truth))
+        sitk.WriteImage(image, str(other / truth.name))
+        if number == 1:  # the ranked masks lose half of this case's vessel voxels
+            array = sitk.GetArrayFromImage(image)
+            array[: array.shape[0] // 2] = 0
+            image = sitk.GetImageFromArray(array)
+            image.CopyInformation(sitk.ReadImage(str(truth)))
+        sitk.WriteImage(image, str(ranked / truth.name))
+    picture = tmp_path / "worst.png"
+    worst = tables.draw_worst_case(data, {"ranked": ranked, "other": other}, picture)
+    assert worst == truths[1].name.removesuffix(".nii.gz")
+    single = tmp_path / "single.png"
+    tables.draw_worst_case(data, {"other": other}, single)
+    heights = [Image.open(p).height for p in (single, picture)]
+    assert heights[1] == pytest.approx(heights[0] * 3 / 2, abs=8)  # truth + two mask rows
