@@ -66,6 +66,9 @@ RUNS: dict[str, Run] = {
     "fedavg-dp": Run("federation", settings=DP_ROW),
     "pilot-reference": Run("federation-reference", rounds=PILOT_ROUNDS, settings=PILOT),
     "pilot-randomised": Run("federation", rounds=PILOT_ROUNDS, settings=PILOT),
+    "pilot-randomised-levels": Run(
+        "federation", rounds=PILOT_ROUNDS, settings=(*PILOT, ("augment-levels", True))
+    ),
     "pilot-randomised-lr1e-4": Run(
         "federation",
         rounds=LR_PILOT_ROUNDS,

@@ -135,10 +135,10 @@ def _by_site(paths: StudyPaths, settings: CleaningSettings) -> str:
 
 
 def evaluate_pilot(paths: StudyPaths) -> str:
-    """Table of the pilot's two folds on both sets (with the default cleaning), and the MIPs
+    """Table of the pilots' folds on both sets (with the default cleaning), and the MIPs
     of the independent case that the randomised-data fold segments worst."""
     rows, masks = {}, {}
-    for run in ("pilot-reference", "pilot-randomised"):
+    for run in ("pilot-reference", "pilot-randomised", "pilot-randomised-levels"):
         weights = paths.weights(folder_of(run))
         if not (weights / "manifest.json").is_file():
             continue
@@ -149,7 +149,8 @@ def evaluate_pilot(paths: StudyPaths) -> str:
             rows[f"{run}, {set_label}"] = score(masks[run, folder], data / "ground_truth")
     text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
     if ("pilot-randomised", "independent") in masks:
-        pilots = {run: masks[run, "independent"] for run in ("pilot-randomised", "pilot-reference")}
+        pilots = {run: folder for (run, family), folder in masks.items() if family == "independent"}
+        pilots = {"pilot-randomised": pilots.pop("pilot-randomised"), **pilots}
         picture = paths.results / "pilot-worst-independent.png"
         worst = draw_worst_case(paths.data / "independent", pilots, picture)
         text += f"\nWorst independent case of the randomised-data fold: {worst}\n"

@@ -27,14 +27,25 @@ from flwr.app import (
     RecordDict,
 )
 
+from inference.preprocessing import normalize
 from model.weights import WeightError, load_fold, load_manifest
+from phantoms.generator import generate_volume
 from train.checkpoint import RunState, load_checkpoint, save_checkpoint
 from train.config import TrainConfig, site_config
 from train.data import Case, SiteDataError, list_cases, load_case, load_site
 from train.export import export_fold
 from train.folds import split_cases
 from train.loss import positive_weight, vessel_loss
-from train.sampling import augment, augment_intensity, crop, epoch_batches, sample_patch
+from train.sampling import (
+    PatchSettings,
+    augment,
+    augment_intensity,
+    augment_levels,
+    crop,
+    epoch_batches,
+    make_patch,
+    sample_patch,
+)
 from train.server_app import failures, initial_arrays
 from train.strategy import RobustFedAvg
 from train.task import (
@@ -186,6 +197,36 @@ def test_intensity_augmentation_is_seeded_and_varies_the_look():
     assert all(a.dtype == np.float32 and np.isfinite(a).all() for a in first)
     spreads = {round(float(a.std()), 3) for a in first}
     assert len(spreads) > 5
+
+
+def test_level_augmentation_moves_vessels_and_tissue_as_other_normalisations_do():
+    """On a normalised phantom, the vessels' level after augmentation spans from where the
+    case put them to the top of the range, tissue is lifted in some draws, the map keeps the
+    voxels' order, and the switch reaches the patches."""
+    phantom = generate_volume((48, 48, 48), seed=2)
+    image = normalize(phantom.image.astype(np.float32))
+    vessels, tissue = phantom.label > 0, phantom.label == 0
+    draws = [augment_levels(image, np.random.default_rng(s)) for s in range(60)]
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(draws, [augment_levels(image, np.random.default_rng(s)) for s in range(60)])
+    )
+    vessel_levels = [float(np.median(d[vessels])) for d in draws]
+    assert min(vessel_levels) == pytest.approx(np.median(image[vessels]), abs=1e-6)
+    assert max(vessel_levels) > min(0.95, 2 * np.median(image[vessels]))
+    tissue_levels = [float(np.median(d[tissue])) for d in draws]
+    assert 0.1 < np.mean(np.array(tissue_levels) > np.median(image[tissue]) + 0.05) < 0.4
+    assert all(d.min() >= 0 and d.max() <= 1 for d in draws)
+    order = np.argsort(image.ravel(), kind="stable")
+    assert all((np.diff(d.ravel()[order]) >= -1e-6).all() for d in draws)  # monotone
+    case = Case("c", image, phantom.label > 0, np.flatnonzero(phantom.label))
+    plain, levelled = (
+        PatchSettings((32, 32, 32), 1.0, False, False, level_augmentation=on)
+        for on in (False, True)
+    )
+    patches = [(make_patch(case, s, plain), make_patch(case, s, levelled)) for s in range(10)]
+    assert all(np.array_equal(a[1], b[1]) for a, b in patches)  # labels unchanged
+    assert sum(not np.array_equal(a[0], b[0]) for a, b in patches) >= 3
 
 
 def test_an_epoch_draws_patches_per_case_in_batches():

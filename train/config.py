@@ -39,6 +39,7 @@ class TrainConfig:
     pos_weight: float = 0.0  # WBCE vessel weight; 0: sqrt((1 - f) / f), f the site's vessels
     augment: bool = True  # flips, right-angle rotations, zoom (train.sampling)
     augment_intensity: bool = True  # noise, blur, brightness, contrast, gamma
+    augment_levels: bool = False  # tissue and vessel levels as other volumes' normalisation sets
     patch_size: int = 96  # cubic patches, a multiple of 16
     base_channels: int = 16
     hsca: bool = True
@@ -181,6 +182,7 @@ SITE_KEYS = (
     "pos-weight",
     "augment",
     "augment-intensity",
+    "augment-levels",
     "patch-size",
     "base-channels",
     "hsca",

@@ -82,6 +82,8 @@ def crop(volume: np.ndarray, origin: tuple[int, ...], patch: tuple[int, ...]) ->
 
 
 ZOOM_PROBABILITY, ZOOM_RANGE = 0.2, (0.7, 1.4)
+LEVEL_GAIN_PROBABILITY, LEVEL_MAX_GAIN = 0.5, 3.0
+LEVEL_FLOOR_PROBABILITY, LEVEL_MAX_FLOOR = 0.2, 0.5
 
 
 def sample_patch(
@@ -158,6 +160,28 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
     return image.astype(np.float32, copy=False)
 
 
+def augment_levels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Where tissue and vessels land after the per-case normalisation, as other volumes put them.
+
+    The upper anchor (99.5th percentile) lies on bone in a volume with much bone, but in the
+    vessels where they are the brightest structure, so vessels land anywhere between barely
+    above tissue and the top of the range. The lower anchor (median) lies on tissue unless air
+    fills most of the field of view, which lifts tissue towards the middle. With probability
+    :data:`LEVEL_GAIN_PROBABILITY` the patch is scaled by a gain of 1-3 (log-uniform) and
+    clipped at 1, as normalisation clips; with :data:`LEVEL_FLOOR_PROBABILITY` it is lifted
+    onto a floor of 0-0.5. A network trained so finds a vessel's edge relative to its own
+    contrast, not at a fixed level.
+    """
+    image = np.array(image, dtype=np.float32)
+    if rng.random() < LEVEL_GAIN_PROBABILITY:
+        image *= np.float32(np.exp(rng.uniform(0.0, np.log(LEVEL_MAX_GAIN))))
+        np.minimum(image, 1.0, out=image)
+    if rng.random() < LEVEL_FLOOR_PROBABILITY:
+        floor = np.float32(rng.uniform(0.0, LEVEL_MAX_FLOOR))
+        image = floor + (1 - floor) * image
+    return image
+
+
 def augment(
     image: np.ndarray, label: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +208,7 @@ class PatchSettings:
     foreground_fraction: float
     augmentation: bool  # flips, rotations and zoom
     intensity_augmentation: bool  # see augment_intensity
+    level_augmentation: bool = False  # see augment_levels
 
 
 def epoch_plan(
@@ -210,6 +235,8 @@ def make_patch(
         image, label = augment(image, label, rng)
     if settings.intensity_augmentation:
         image = augment_intensity(image, rng)
+    if settings.level_augmentation:
+        image = augment_levels(image, rng)
     return image, label
 
 
@@ -467,6 +494,7 @@ def epoch_batches(
     foreground_fraction: float,
     augmentation: bool,
     intensity_augmentation: bool = False,
+    level_augmentation: bool = False,
     workers: int = 0,
     copy: bool = True,
 ) -> Batches:
@@ -475,12 +503,13 @@ def epoch_batches(
     with ``copy`` False each batch is valid until the next one is asked for).
 
     ``augmentation``: flips, rotations and zoom; ``intensity_augmentation``: see
-    :func:`augment_intensity`. The last batch is smaller when the patch count is not a
-    multiple of ``batch_size``. The epoch's plan is drawn from ``rng`` at once, here.
+    :func:`augment_intensity`; ``level_augmentation``: see :func:`augment_levels`. The last
+    batch is smaller when the patch count is not a multiple of ``batch_size``. The epoch's plan
+    is drawn from ``rng`` at once, here.
     """
     plan = epoch_plan(len(cases), patches_per_case, batch_size, rng)
     settings = PatchSettings(
-        tuple(patch), foreground_fraction, augmentation, intensity_augmentation
+        tuple(patch), foreground_fraction, augmentation, intensity_augmentation, level_augmentation
     )
     if workers > 0 and plan:
         return BackgroundBatches(cases, plan, settings, workers, copy=copy)

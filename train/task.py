@@ -243,6 +243,7 @@ def train_site(
             config.foreground_fraction,
             config.augment,
             config.augment_intensity,
+            config.augment_levels,
             workers=workers,
             copy=False,
         ) as batches:
