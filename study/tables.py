@@ -150,9 +150,8 @@ def evaluate_pilot(paths: StudyPaths) -> str:
     text = f"### Pilot: one narrow fold, {PILOT_ROUNDS} rounds, each data family\n\n{table(rows)}"
     if ("pilot-randomised", "independent") in masks:
         pilots = {run: folder for (run, family), folder in masks.items() if family == "independent"}
-        pilots = {"pilot-randomised": pilots.pop("pilot-randomised"), **pilots}
         picture = paths.results / "pilot-worst-independent.png"
-        worst = draw_worst_case(paths.data / "independent", pilots, picture)
+        worst = draw_worst_case(paths.data / "independent", pilots, picture, "pilot-randomised")
         text += f"\nWorst independent case of the randomised-data fold: {worst}\n"
     paths.results.mkdir(parents=True, exist_ok=True)
     (paths.results / "pilot.md").write_text(text)
@@ -193,11 +192,15 @@ def training_history(paths: StudyPaths, run_folder: str, fold: int) -> list[dict
     return json.loads(state.read_text())["history"] if state.is_file() else None
 
 
-def draw_worst_case(data: Path, masks: dict[str, Path], picture: Path) -> str:
-    """MIPs of the case of the evaluation set ``data`` that the first of ``masks`` segments
-    worst (Dice): its truth, then each folder's mask of it -> ``picture``; returns the case."""
-    first = next(iter(masks.values()))
-    worst = min(case_results(first, data / "ground_truth"), key=lambda r: r.metrics["Dice"]).case
+def draw_worst_case(
+    data: Path, masks: dict[str, Path], picture: Path, ranked_by: str | None = None
+) -> str:
+    """MIPs of the case of the evaluation set ``data`` that ``masks[ranked_by]`` (default: the
+    first) segments worst (Dice): its truth, then each folder's mask of it -> ``picture``;
+    returns the case."""
+    ranked = masks[ranked_by] if ranked_by else next(iter(masks.values()))
+    results = case_results(ranked, data / "ground_truth")
+    worst = min(results, key=lambda r: r.metrics["Dice"]).case
     panels = [(f"{worst}: truth", data / "ground_truth" / f"{worst}.nii.gz")]
     panels += [(name, folder / f"{worst}.nii.gz") for name, folder in masks.items()]
     mip_panel(data / "input" / f"{worst}_0000.nii.gz", panels, picture)

@@ -151,6 +151,8 @@ def test_worst_case_picture_shows_the_case_the_first_masks_segment_worst(tiny_st
     picture = tmp_path / "worst.png"
     worst = tables.draw_worst_case(data, {"ranked": ranked, "other": other}, picture)
     assert worst == truths[1].name.removesuffix(".nii.gz")
+    again = tables.draw_worst_case(data, {"other": other, "ranked": ranked}, picture, "ranked")
+    assert again == worst
     single = tmp_path / "single.png"
     tables.draw_worst_case(data, {"other": other}, single)
     heights = [Image.open(p).height for p in (single, picture)]
