@@ -116,10 +116,10 @@ def _link_views(data: Path, sites: list[Path]) -> None:
         if site.name != PARTIAL_SITE and not (without / site.name).exists():
             (without / site.name).symlink_to(os.path.relpath(site, without))
     pooled = data / "pooled" / "pooled"
-    if pooled.exists():
-        return
-    for part in ("imagesTr", "labelsTr"):
-        (pooled / part).mkdir(parents=True)
+    for part in ("imagesTr", "labelsTr"):  # every missing link, so that a broken view mends
+        (pooled / part).mkdir(parents=True, exist_ok=True)
         for site in sites:
             for file in sorted((site / part).iterdir()):
-                (pooled / part / file.name).symlink_to(os.path.relpath(file, pooled / part))
+                link = pooled / part / file.name
+                if not link.is_symlink():
+                    link.symlink_to(os.path.relpath(file, pooled / part))

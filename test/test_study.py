@@ -62,7 +62,9 @@ def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tiny_stud
         assert (folder / name).read_bytes() == (data / "federation" / name).read_bytes()
     without = sorted(p.name for p in (data / f"federation-without-{site}").iterdir())
     assert without == ["site1", "site2"]
-    study_data.make_data(tiny_study)  # a second call keeps what is there
+    (data / "pooled" / "pooled" / "imagesTr" / pooled[0]).unlink()
+    study_data.make_data(tiny_study)  # a second call keeps what is there, mends what is not
+    assert sorted(p.name for p in (data / "pooled" / "pooled" / "imagesTr").iterdir()) == pooled
     assert sorted(p.name for p in (data / "test" / "input").iterdir()) == test_cases
 
 
