@@ -115,7 +115,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--patch", type=int, default=48, help="patch side (random weights)")
+    parser.add_argument(
+        "--patch", type=int, help="patch side; random folds unless the shipped ones have it"
+    )
     parser.add_argument("--batch-size", type=int, help="default: the CUDA path's own")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--weights", type=Path, help="default: shipped, else fitted random folds")

@@ -83,13 +83,19 @@ def peak_memory_mb(device: str) -> dict:
     return peaks
 
 
-def make_weights(workdir: Path, folds: int, patch: int, seed: int) -> Path:
-    """The shipped weights when present, else fitted random full-width folds in ``workdir``."""
+def make_weights(workdir: Path, folds: int, patch: int | None, seed: int) -> Path:
+    """The shipped weights when present and of the asked patch (or none was asked), else
+    fitted random full-width folds of that patch (default 128) in ``workdir``: the same
+    arithmetic per window as trained folds of that patch."""
     from model.weights import load_manifest
 
     shipped = ROOT / "weights"
-    if (shipped / "manifest.json").is_file() and len(load_manifest(shipped).folds) >= folds:
-        return shipped
+    if (shipped / "manifest.json").is_file():
+        manifest = load_manifest(shipped)
+        enough = len(manifest.folds) >= folds
+        if enough and patch in (None, manifest.patch_size[0]):
+            return shipped
+    patch = patch or 128
     import SimpleITK as sitk
     import torch
 
@@ -463,7 +469,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, help="the project's windows per call (CUDA)")
-    parser.add_argument("--patch", type=int, default=128, help="patch side (random weights)")
+    parser.add_argument(
+        "--patch", type=int, help="patch side; random folds unless the shipped ones have it"
+    )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument(
         "--sw-batch-size", type=int, help=f"MONAI windows per call (default {DEFAULT_SW})"

@@ -18,7 +18,7 @@ from postprocess import CleaningSettings
 from study import postprocessing
 from study.data import EVALUATION_SETS, PARTIAL_SITE
 from study.paths import StudyPaths
-from study.runs import COMMON, FOLDS, LR_PILOT_ROUNDS, PILOT_ROUNDS, RUNS, folder_of
+from study.runs import COMMON, FOLDS, LR_PILOT_ROUNDS, PILOT_ROUNDS, PILOTS, RUNS, folder_of
 from study.scoring import case_results, cleaned, cleaned_folder, predict, score, table
 
 SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
@@ -138,7 +138,7 @@ def evaluate_pilot(paths: StudyPaths) -> str:
     """Table of the pilots' folds on both sets (with the default cleaning), and the MIPs
     of the independent case that the randomised-data fold segments worst."""
     rows, masks = {}, {}
-    for run in ("pilot-reference", "pilot-randomised", "pilot-randomised-levels"):
+    for run in (name for name in PILOTS if RUNS[name].rounds == PILOT_ROUNDS):
         weights = paths.weights(folder_of(run))
         if not (weights / "manifest.json").is_file():
             continue

@@ -3,7 +3,9 @@
 import json
 
 import pytest
+import SimpleITK as sitk
 from helpers import write_weights
+from PIL import Image
 
 from model.weights import load_manifest
 from postprocess import CleaningSettings
@@ -133,9 +135,6 @@ def test_learning_rate_table_compares_the_rounds_both_pilots_ran(tmp_path):
 
 
 def test_worst_case_picture_shows_the_case_the_first_masks_segment_worst(tiny_study, tmp_path):
-    import SimpleITK as sitk
-    from PIL import Image
-
     data = tiny_study.data / "independent"
     truths = sorted((data / "ground_truth").glob("*.nii.gz"))
     ranked, other = tmp_path / "ranked", tmp_path / "other"
