@@ -84,17 +84,17 @@ def peak_memory_mb(device: str) -> dict:
 
 
 def make_weights(workdir: Path, folds: int, patch: int | None, seed: int) -> Path:
-    """The shipped weights when present and of the asked patch (or none was asked), else
-    fitted random full-width folds of that patch (default 128) in ``workdir``: the same
-    arithmetic per window as trained folds of that patch."""
+    """The shipped weights when present, with enough folds and of the asked patch (or none was
+    asked), else fitted random full-width folds in ``workdir`` of that patch (default: the
+    shipped one, else 128): the same arithmetic per window as trained folds of that patch."""
     from model.weights import load_manifest
 
     shipped = ROOT / "weights"
     if (shipped / "manifest.json").is_file():
         manifest = load_manifest(shipped)
-        enough = len(manifest.folds) >= folds
-        if enough and patch in (None, manifest.patch_size[0]):
+        if len(manifest.folds) >= folds and patch in (None, manifest.patch_size[0]):
             return shipped
+        patch = patch or manifest.patch_size[0]
     patch = patch or 128
     import SimpleITK as sitk
     import torch
@@ -470,7 +470,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, help="the project's windows per call (CUDA)")
     parser.add_argument(
-        "--patch", type=int, help="patch side; random folds unless the shipped ones have it"
+        "--patch",
+        type=int,
+        help="patch side; random folds unless the shipped ones have it (default: shipped)",
     )
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument(

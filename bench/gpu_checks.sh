@@ -65,7 +65,7 @@ fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$python" -c 'import torch; print("torch", torch.__version__, "CUDA:",
     torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
-bench() { "$python" bench/bench_inference.py --device "$device" --folds "$folds" --patch 48 "$@"; }
+bench() { "$python" bench/bench_inference.py --device "$device" --folds "$folds" "$@"; }
 
 # 1. The CUDA tests.
 "$python" -m pytest -q -p no:cacheprovider test/test_cuda.py
@@ -103,20 +103,22 @@ fi
 
 # 4. The summary against the targets, and a T4 estimate.
 "$python" - "${reports[@]}" <<'EOF' | tee "$out/summary.json"
-import json, sys
+import json, math, sys
 
 from inference.sliding_window import WindowPlan
+from model.weights import load_manifest
 
-GFLOP_PER_WINDOW = 116e3 * 48**3 / 1e9  # the shipped network: 116 kFLOP per voxel, 48^3 windows
+FLOP_PER_VOXEL = 116e3  # the full-width network, per voxel of a window
 T4_TFLOPS = 65.0  # T4 fp16 tensor-core peak; the estimate assumes the same fraction of peak
 H200_TFLOPS = 989.0  # H200 dense bf16 peak (a different GPU: scale by its own peak)
 summary = {}
 for path in sys.argv[1:]:
     rows = json.load(open(path))
     shape = tuple(int(s) for s in rows["volume"].split("x"))
-    windows = len(WindowPlan.create([max(s, 48) for s in shape], (48, 48, 48), 0.5))
+    patch = load_manifest(rows["weights"]).patch_size  # the folds the run timed
+    windows = len(WindowPlan.create([max(s, p) for s, p in zip(shape, patch)], patch, 0.5))
     network = rows.get("network_only", {}).get("seconds")
-    flop = windows * rows["folds"] * rows["cases"] * GFLOP_PER_WINDOW * 1e9
+    flop = windows * rows["folds"] * rows["cases"] * FLOP_PER_VOXEL * math.prod(patch)
     entry = {"volume": rows["volume"], "cases": rows["cases"], **rows.get("ratios", {})}
     for key in ("deterministic_runs_bit_identical", "dice_deterministic_vs_project"):
         if key in rows:
