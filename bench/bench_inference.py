@@ -182,9 +182,8 @@ def monai_case(
     probability = to_input_grid(
         output[0, 1].float().cpu().numpy(), geometry, manifest.target_spacing
     )
-    mask = clean_mask(
-        probability > 0.5, geometry.spacing, CleaningSettings.from_dict(manifest.postprocess)
-    )
+    cleaning = CleaningSettings.from_dict(manifest.postprocess)
+    mask = clean_mask(probability > 0.5, geometry.spacing, cleaning, probability)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_image_atomically(geometry.image_from(mask), target)
 

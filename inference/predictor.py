@@ -182,7 +182,7 @@ class Predictor:
             raise RuntimeError("the network produced NaN or infinite probabilities (weights?)")
         mask = (probability > THRESHOLD).view(np.uint8)
         if self.settings.postprocess:
-            mask = clean_mask(mask, geometry.spacing, self.cleaning)
+            mask = clean_mask(mask, geometry.spacing, self.cleaning, probability)
         return mask, float(np.count_nonzero(mask)) * float(np.prod(geometry.spacing))
 
     def segment(

@@ -20,6 +20,7 @@ from pathlib import Path
 import cc3d
 import SimpleITK as sitk
 
+from inference.cases import PROBABILITIES
 from model.weights import load_manifest
 from postprocess import CleaningSettings
 from study.paths import StudyPaths
@@ -33,8 +34,12 @@ CANDIDATES = tuple(
     CleaningSettings(min_volume_mm3=volume, min_fraction_of_largest=fraction)
     for volume in (0.0, 0.25, 1.0, 4.0)
     for fraction in (0.0, 0.01, 0.1, 0.3, 1.0)
+) + tuple(
+    CleaningSettings(min_volume_mm3=0.0, min_fraction_of_largest=0.0, min_peak_probability=peak)
+    for peak in (0.7, 0.9, 0.95, 0.99)
 )
-"""Gentlest first; (0, 0) is no cleaning; fraction 1.0 keeps the largest component only."""
+"""By size, gentlest first, (0, 0) being no cleaning and fraction 1.0 the largest component
+only; then by confidence: a component stays when its peak probability reaches the value."""
 FILE = "postprocessing.json"
 
 
@@ -43,8 +48,9 @@ def choice_file(paths: StudyPaths, run: str) -> Path:
 
 
 def validation_predictions(paths: StudyPaths, run: str) -> tuple[Path, Path]:
-    """Folders of every fold's uncleaned masks of its own validation cases, and their truths
-    (links), for the folds that ``run``'s weights folder holds."""
+    """Folders of every fold's uncleaned masks of its own validation cases (with their
+    probability maps), and their truths (links), for the folds that ``run``'s weights folder
+    holds."""
     folder = folder_of(run)
     weights, out = paths.weights(folder), paths.results / folder
     data = paths.data / RUNS[run].data
@@ -62,6 +68,7 @@ def validation_predictions(paths: StudyPaths, run: str) -> tuple[Path, Path]:
         masks = predict(weights, [entry.fold], images, out / f"validation-fold{entry.fold}-masks")
         for mask in masks.glob("*.nii.gz"):
             _link(merged_masks / mask.name, mask)
+            _link(merged_masks / PROBABILITIES / mask.name, masks / PROBABILITIES / mask.name)
     return merged_masks, merged_truth
 
 

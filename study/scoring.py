@@ -1,8 +1,9 @@
 """Masks of a weights folder on an evaluation set, their cleaning, and their scores.
 
-Masks come from ``process.py`` (the container's entry point) without cleaning, and are made
-again only when the folds' weight files change; cleaning is applied afterwards, so that one
-prediction serves every cleaning setting compared.
+Masks come from ``process.py`` (the container's entry point) without cleaning, with their
+probability maps (``probabilities/``, which the confidence criterion of the cleaning reads),
+and are made again only when the folds' weight files change; cleaning is applied afterwards,
+so that one prediction serves every cleaning setting compared.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
+from inference.cases import PROBABILITIES
 from metrics.evaluate import evaluate_folders, summarize
 from model.weights import load_manifest
 from postprocess import CleaningSettings, clean_mask
@@ -28,7 +30,10 @@ def predict(weights: Path, folds: list[int], images: Path, out: Path) -> Path:
     """Uncleaned masks of ``images`` by ``folds`` of ``weights`` (``process.py
     --no-postprocess``), kept in ``out`` with a stamp of the weight files' hashes."""
     manifest = load_manifest(weights)
-    made_by = json.dumps({str(f): manifest.fold_entry(f).sha256 for f in folds}, indent=1)
+    made_by = json.dumps(
+        {"folds": {str(f): manifest.fold_entry(f).sha256 for f in folds}, PROBABILITIES: True},
+        indent=1,
+    )
     stamp = out / "weights.json"
     if not (stamp.is_file() and stamp.read_text() == made_by):
         shutil.rmtree(out, ignore_errors=True)
@@ -43,6 +48,7 @@ def predict(weights: Path, folds: list[int], images: Path, out: Path) -> Path:
             "--folds",
             *map(str, folds),
             "--no-postprocess",
+            "--save-probabilities",
         )
         stamp.write_text(made_by)
     return out
@@ -55,7 +61,11 @@ def cleaned(raw: Path, settings: CleaningSettings) -> Path:
     out.mkdir(exist_ok=True)
     for file in sorted(raw.glob("*.nii.gz")):
         image = sitk.ReadImage(str(file))
-        mask = clean_mask(sitk.GetArrayViewFromImage(image), image.GetSpacing(), settings)
+        probability = None
+        if settings.min_peak_probability > 0:
+            probability = sitk.GetArrayFromImage(sitk.ReadImage(raw / PROBABILITIES / file.name))
+        spacing = image.GetSpacing()
+        mask = clean_mask(sitk.GetArrayViewFromImage(image), spacing, settings, probability)
         result = sitk.GetImageFromArray(mask)
         result.CopyInformation(image)
         sitk.WriteImage(result, str(out / file.name), useCompression=True)
@@ -66,6 +76,8 @@ def cleaned(raw: Path, settings: CleaningSettings) -> Path:
 def cleaned_folder(raw: Path, settings: CleaningSettings) -> Path:
     """Where :func:`cleaned` writes the masks of ``raw`` cleaned with ``settings``."""
     tag = f"v{settings.min_volume_mm3:g}-f{settings.min_fraction_of_largest:g}"
+    if settings.min_peak_probability > 0:
+        tag += f"-p{settings.min_peak_probability:g}"
     return raw.with_name(f"{raw.name}-cc-{tag}")
 
 

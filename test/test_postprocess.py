@@ -1,8 +1,11 @@
-"""Connected-component cleaning: physical and relative thresholds, 26-connectivity."""
+"""Connected-component cleaning: physical, relative and confidence thresholds, 26-connectivity."""
 
 import numpy as np
 import pytest
+from helpers import write_weights
 
+from inference.predictor import Predictor, PredictorSettings
+from inference.preprocessing import Geometry
 from postprocess import DEFAULT_SETTINGS, CleaningSettings, clean_mask, component_sizes
 
 
@@ -67,3 +70,46 @@ def test_settings_come_from_the_manifest_with_defaults_and_overrides():
         CleaningSettings.from_dict({"min_size": 3})
     with pytest.raises(ValueError, match="out of range"):
         CleaningSettings.from_dict({"min_fraction_of_largest": 2})
+    with pytest.raises(ValueError, match="out of range"):
+        CleaningSettings.from_dict({"min_peak_probability": 1.5})
+
+
+def confidence_of(mask: np.ndarray) -> np.ndarray:
+    """A probability map over ``tree_with_fragments``: the tree and the small cube seen with
+    certainty (0.99 at their cores), the larger block never above 0.7."""
+    probability = np.where(mask > 0, 0.6, 0.1).astype(np.float32)
+    probability[20, 12, 12] = probability[31, 31, 31] = 0.99
+    probability[3, 32, 4] = 0.7
+    return probability
+
+
+def test_confidence_keeps_small_certain_pieces_and_drops_uncertain_ones_whatever_their_size():
+    mask = tree_with_fragments()
+    probability = confidence_of(mask)
+    cleaned = clean_mask(mask, (1, 1, 1), CleaningSettings(0.0, 0.0, 0.9), probability)
+    assert cleaned.sum() == 1500 + 27  # the 100-voxel block goes, the 27-voxel cube stays
+    assert cleaned[31, 31, 31] == 1 and cleaned[3, 32, 4] == 0
+    # the size rule cannot tell them apart: it keeps the block and drops the cube
+    by_size = clean_mask(mask, (1, 1, 1), CleaningSettings(50.0, 0.0))
+    assert by_size[31, 31, 31] == 0 and by_size[3, 32, 4] == 1
+    # at 0.7 the block's peak reaches the bar: nothing goes
+    kept = clean_mask(mask, (1, 1, 1), CleaningSettings(0.0, 0.0, 0.7), probability)
+    np.testing.assert_array_equal(kept, mask)
+
+
+def test_confidence_without_the_probability_map_is_a_clear_error():
+    mask = tree_with_fragments()
+    with pytest.raises(ValueError, match="needs the probability map"):
+        clean_mask(mask, (1, 1, 1), CleaningSettings(0.0, 0.0, 0.9))
+    with pytest.raises(ValueError, match="needs the probability map"):
+        clean_mask(mask, (1, 1, 1), CleaningSettings(0.0, 0.0, 0.9), np.zeros((4, 4, 4)))
+
+
+def test_the_predictor_cleans_by_the_confidence_its_manifest_asks_for(tmp_path):
+    cleaning = {"min_volume_mm3": 0.0, "min_fraction_of_largest": 0.0, "min_peak_probability": 0.9}
+    write_weights(tmp_path, folds=1, postprocess=cleaning)
+    predictor = Predictor(tmp_path, PredictorSettings(device="cpu", backend="torch"))
+    mask = tree_with_fragments()
+    geometry = Geometry(mask.shape, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    cleaned, volume_mm3 = predictor.mask_of(confidence_of(mask), geometry)
+    assert cleaned.sum() == 1500 + 27 and volume_mm3 == 1527.0
