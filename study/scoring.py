@@ -28,7 +28,8 @@ INDEPENDENT_METRICS = ("Dice", "clDice", "clRe", "VS")
 
 def predict(weights: Path, folds: list[int], images: Path, out: Path) -> Path:
     """Uncleaned masks of ``images`` by ``folds`` of ``weights`` (``process.py
-    --no-postprocess``), kept in ``out`` with a stamp of the weight files' hashes."""
+    --no-postprocess --save-probabilities``), kept in ``out`` with a stamp of the weight files'
+    hashes and of the probability maps being there."""
     manifest = load_manifest(weights)
     made_by = json.dumps(
         {"folds": {str(f): manifest.fold_entry(f).sha256 for f in folds}, PROBABILITIES: True},
