@@ -2,6 +2,7 @@
 
     python -m study data                    # phantom federations and the two test sets
     python -m study train fold0             # one run of study.runs.RUNS (resumes)
+    python -m study park fold0              # pause it after its round, fp16 checkpoint to commit
     python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
     python -m study evaluate                # Tables 1-3 -> results/results.md, curves
     python -m study pilot                   # the pilots: data family and learning rate
@@ -21,7 +22,7 @@ from pathlib import Path
 from study import postprocessing, ship, tables
 from study.data import make_data
 from study.paths import StudyPaths
-from study.runs import PILOTS, RUNS, train
+from study.runs import PILOTS, RUNS, park, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data")
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
+    commands.add_parser("park").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("postprocess").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("evaluate")
     commands.add_parser("pilot")
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         for run in RUNS:
             if run not in PILOTS:
                 train(paths, run)
+    if args.command == "park":
+        print(" ".join(str(path) for path in park(paths, args.run)))
     if args.command in ("postprocess", "all"):
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
     if args.command in ("evaluate", "all"):

@@ -9,10 +9,13 @@ starts from another fold's model; they export into one weights folder (``runs/fo
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from study.data import PARTIAL_SITE, python
 from study.paths import StudyPaths
+from train.checkpoint import PAUSED_EXIT, compact
 
 MAX_ROUNDS = 60
 COMMON = {
@@ -97,11 +100,27 @@ def run_config(run: Run) -> str:
 def train(paths: StudyPaths, name: str) -> None:
     """Train run ``name``, resuming from its last checkpoint if it was interrupted."""
     run, work = RUNS[name], paths.runs / folder_of(name)
+    try:
+        _train(paths.data / run.data, run, work)
+    except subprocess.CalledProcessError as error:
+        if error.returncode != PAUSED_EXIT:
+            raise
+        message = f"python -m study: {name} paused; `python -m study train {name}` resumes"
+        raise SystemExit(message) from None
+
+
+def park(paths: StudyPaths, name: str) -> list[Path]:
+    """Pause run ``name`` after its current round (at once if it is not training) and write
+    its checkpoint in fp16: the files to commit so that another session resumes it."""
+    return compact(paths.runs / folder_of(name) / "train" / f"fold{RUNS[name].fold}")
+
+
+def _train(data: Path, run: Run, work: Path) -> None:
     python(
         "-m",
         "train",
         "--data",
-        str(paths.data / run.data),
+        str(data),
         "--fold",
         str(run.fold),
         "--work",

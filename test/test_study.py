@@ -158,3 +158,29 @@ def test_worst_case_picture_shows_the_case_the_first_masks_segment_worst(tiny_st
     tables.draw_worst_case(data, {"other": other}, single)
     heights = [Image.open(p).height for p in (single, picture)]
     assert heights[1] == pytest.approx(heights[0] * 3 / 2, abs=8)  # truth + two mask rows
+
+
+def test_park_pauses_a_run_and_prints_its_fp16_checkpoint_to_commit(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    from train.checkpoint import RunState, save_checkpoint
+    from train.config import TrainConfig
+    from train.server_app import initial_arrays
+
+    config = TrainConfig.from_run_config({"base-channels": 4, "fold": 1})
+    folder = tmp_path / "runs" / "folds" / "train" / "fold1"
+    folder.mkdir(parents=True)
+    arrays = initial_arrays(config)
+    state = RunState(config=config.to_run_config(), round=7, best_round=7, best_dice=0.4)
+    save_checkpoint(folder, state, arrays, arrays)
+    assert main(["--root", str(tmp_path), "park", "fold1"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [
+        str(folder / "state.json"),
+        str(folder / "best-r0007.safetensors"),
+        str(folder / "global-r0007.safetensors"),
+    ]
+    for name in printed[1:]:
+        assert {str(v.dtype) for v in load_file(name).values()} <= {"float16", "int64"}
+    with pytest.raises(ValueError, match="no checkpoint"):
+        main(["--root", str(tmp_path), "park", "fold2"])

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -26,11 +27,22 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from safetensors.numpy import load as safetensors_load
 
 from inference.preprocessing import normalize
 from model.weights import WeightError, load_fold, load_manifest
 from phantoms.generator import generate_volume
-from train.checkpoint import RunState, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    PAUSE,
+    PAUSED_EXIT,
+    RunState,
+    compact,
+    load_checkpoint,
+    pause,
+    pause_requested,
+    save_checkpoint,
+    training_lock,
+)
 from train.config import TrainConfig, site_config
 from train.data import Case, SiteDataError, list_cases, load_case, load_site
 from train.export import export_fold
@@ -479,6 +491,57 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
         load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
 
 
+def test_a_paused_run_is_compacted_to_fp16_and_resumes_in_fp32(tmp_path):
+    config = tiny_config(tmp_path)
+    arrays = initial_arrays(config)
+    best = {k: v + 1 if v.dtype == np.float32 else v for k, v in arrays.items()}
+    state = RunState(config=config.to_run_config(), round=5, best_round=4, best_dice=0.5)
+    save_checkpoint(tmp_path, state, best, best)  # best round 4, then round 5's model
+    save_checkpoint(tmp_path, state, arrays, None)
+    files = compact(tmp_path)
+    assert sorted(f.name for f in files) == [
+        "best-r0004.safetensors",
+        "global-r0005.safetensors",
+        "state.json",
+    ]
+    assert not (tmp_path / PAUSE).exists()
+    on_disk = safetensors_load((tmp_path / "global-r0005.safetensors").read_bytes())
+    assert {v.dtype for v in on_disk.values()} >= {np.dtype(np.float16)}
+    assert all(v.dtype != np.float32 for v in on_disk.values())
+    loaded_state, loaded, loaded_best = load_checkpoint(tmp_path, config)
+    assert loaded_state.round == 5 and loaded_state.best_round == 4
+    for name, value in arrays.items():
+        assert loaded[name].dtype == value.dtype
+        assert np.allclose(loaded[name], value, rtol=1e-3, atol=1e-4)
+        assert np.allclose(loaded_best[name], best[name], rtol=1e-3, atol=1e-4)
+    assert any(not np.array_equal(loaded_best[k], loaded[k]) for k in arrays)
+
+
+def test_one_process_trains_a_fold_and_a_pause_waits_for_its_round(tmp_path):
+    rounds = []
+
+    def training() -> None:  # what the ServerApp does: rounds until asked to pause
+        with training_lock(tmp_path):
+            started.set()
+            while not pause_requested(tmp_path):
+                rounds.append(len(rounds) + 1)
+                time.sleep(0.02)
+
+    started = threading.Event()
+    trainer = threading.Thread(target=training)
+    trainer.start()
+    started.wait()
+    with (
+        pytest.raises(ValueError, match="another process is training this fold"),
+        training_lock(tmp_path),
+    ):
+        pass
+    assert pause(tmp_path, poll_seconds=0.01) is None  # returns once the round has ended
+    assert not trainer.is_alive() and rounds and not (tmp_path / PAUSE).exists()
+    with training_lock(tmp_path):  # free again
+        pass
+
+
 def test_folds_exported_separately_build_one_manifest(tmp_path):
     out = tmp_path / "weights"
     for fold in (1, 0):
@@ -612,43 +675,41 @@ def test_simulated_federation_trains_resumes_and_is_reproducible(federation, tmp
     from train.__main__ import main
 
     settings = " ".join(f"{k}={v}" for k, v in {**TINY, "num-rounds": 2}.items())
-    assert (
-        main(
-            [
-                "--data",
-                str(federation[0].parent),
-                "--work",
-                str(tmp_path / "cli"),
-                "--cpus-per-site",
-                "1",
-                "--run-config",
-                settings,
-            ]
-        )
-        == 0
-    )
+    command = [
+        "--data",
+        str(federation[0].parent),
+        "--work",
+        str(tmp_path / "cli"),
+        "--cpus-per-site",
+        "1",
+        "--run-config",
+        settings,
+    ]
+    fold = tmp_path / "cli" / "train" / "fold0"
+    fold.mkdir(parents=True)
+    (fold / PAUSE).touch()  # paused after round 1: exit 75, nothing exported
+    assert main(command) == PAUSED_EXIT
+    assert "paused after round 1; the same command resumes" in capsys.readouterr().err
+    assert not (fold / PAUSE).exists() and not (tmp_path / "cli" / "weights").exists()
+    assert main(command) == 0  # the same command resumes
     summary = json.loads(capsys.readouterr().out)
     assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site1", "site2", "site3"]
-    whole = json.loads((tmp_path / "cli" / "train" / "fold0" / "state.json").read_text())
-    for record in whole["history"]:
+    resumed = json.loads((fold / "state.json").read_text())
+    for record in resumed["history"]:
         assert_all_sites_replied(record)
         assert 0.0 <= record["validation"]["dice"] <= 1.0
-    assert {s["training_cases"] for s in whole["sites"].values()} == {2}
+    assert {s["training_cases"] for s in resumed["sites"].values()} == {2}
     weights = tmp_path / "cli" / "weights"
     manifest = load_manifest(weights)
     provenance = manifest.provenance["folds"]["0"]
-    assert provenance["best_round"] == whole["best_round"] and provenance["rounds"] == 2
+    assert provenance["best_round"] == resumed["best_round"] and provenance["rounds"] == 2
     assert set(provenance["sites"]) == {"site1", "site2", "site3"}
     assert load_fold(weights, manifest, 0).architecture.base_channels == 4
 
-    # The same seed again, interrupted after round 1 and resumed: the same rounds, bit for bit.
-    first = simulate_fold(federation, tmp_path, "resumed", **{"num-rounds": 1})
-    assert_all_sites_replied(first["history"][0])
-    assert losses(first["history"][0]) == losses(whole["history"][0])
-    resumed = simulate_fold(federation, tmp_path, "resumed")
-    assert resumed["round"] == 2
-    assert_all_sites_replied(resumed["history"][1])
-    assert losses(resumed["history"][1]) == losses(whole["history"][1])
-    expected = final_arrays(tmp_path / "cli" / "train")
-    actual = final_arrays(tmp_path / "resumed")
+    # The same seed without a pause computes the same rounds, bit for bit.
+    whole = simulate_fold(federation, tmp_path, "whole")
+    assert whole["stop_reason"] == "num-rounds reached"
+    assert [losses(r) for r in resumed["history"]] == [losses(r) for r in whole["history"]]
+    expected = final_arrays(tmp_path / "whole")
+    actual = final_arrays(tmp_path / "cli" / "train")
     assert all(np.array_equal(expected[k], actual[k]) for k in expected)

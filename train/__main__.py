@@ -35,6 +35,7 @@ import threading
 import tomllib
 from pathlib import Path
 
+from train.checkpoint import PAUSED, PAUSED_EXIT
 from train.config import TrainConfig
 from train.data import CACHE_ENV
 from train.sampling import LOADER_WORKERS_ENV
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     state = json.loads((run / "state.json").read_text())
+    if state["stop_reason"] == PAUSED:
+        print(
+            f"python -m train: paused after round {state['round']}; the same command resumes",
+            file=sys.stderr,
+        )
+        return PAUSED_EXIT
     print(
         json.dumps(
             {

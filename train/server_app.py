@@ -31,7 +31,16 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
 from model.network import VesselUNet
-from train.checkpoint import RunState, contiguous, fold_dir, load_checkpoint, save_checkpoint
+from train.checkpoint import (
+    PAUSED,
+    RunState,
+    contiguous,
+    fold_dir,
+    load_checkpoint,
+    pause_requested,
+    save_checkpoint,
+    training_lock,
+)
 from train.config import TrainConfig, site_config
 from train.export import export_fold
 from train.strategy import (
@@ -261,14 +270,21 @@ def aggregation_provenance(config: TrainConfig) -> dict:
 
 
 def run_training(grid: Grid, config: TrainConfig) -> RunState:
-    """Train fold ``config.fold`` from scratch or from its last checkpoint, then export it."""
+    """Train fold ``config.fold`` from scratch or from its last checkpoint, then export it,
+    unless a ``PAUSE`` file stops it after a round (the same command then resumes)."""
     directory = fold_dir(config)
     directory.mkdir(parents=True, exist_ok=True)
+    with training_lock(directory):
+        return _train_fold(grid, config, directory)
+
+
+def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
     saved = load_checkpoint(directory, config)
     if saved is None:
         state, arrays, best = RunState(config=config.to_run_config()), initial_arrays(config), None
     else:
         state, arrays, best = saved
+        state.stop_reason = ""
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
     strategy = build_strategy(config)
     while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
@@ -286,6 +302,11 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
             state.best_round,
             record["seconds"],
         )
+        if pause_requested(directory):
+            state.stop_reason = PAUSED
+            save_checkpoint(directory, state, arrays, None)
+            log.info("fold %d: paused after round %d", config.fold, state.round)
+            return state
     state.stop_reason = (
         f"no better validation Dice for {config.patience} rounds"
         if state.rounds_without_improvement >= config.patience
