@@ -13,6 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.weights import MANIFEST, load_manifest
 from study.data import PARTIAL_SITE, python
 from study.paths import StudyPaths
 from train.checkpoint import PAUSED_EXIT, compact
@@ -98,8 +99,12 @@ def run_config(run: Run) -> str:
 
 
 def train(paths: StudyPaths, name: str) -> None:
-    """Train run ``name``, resuming from its last checkpoint if it was interrupted."""
+    """Train run ``name``, resuming from its last checkpoint if it was interrupted; a run
+    whose fold its weights folder already holds is done (a fresh clone keeps only that)."""
     run, work = RUNS[name], paths.runs / folder_of(name)
+    if run.fold in exported_folds(work / "weights"):
+        print(f"python -m study: {name} is trained (fold {run.fold} in {work / 'weights'})")
+        return
     try:
         _train(paths.data / run.data, run, work)
     except subprocess.CalledProcessError as error:
@@ -107,6 +112,13 @@ def train(paths: StudyPaths, name: str) -> None:
             raise
         message = f"python -m study: {name} paused; `python -m study train {name}` resumes"
         raise SystemExit(message) from None
+
+
+def exported_folds(weights: Path) -> set[int]:
+    """The folds a weights folder holds (none when it has no manifest yet)."""
+    if not (weights / MANIFEST).is_file():
+        return set()
+    return {entry.fold for entry in load_manifest(weights).folds}
 
 
 def park(paths: StudyPaths, name: str) -> list[Path]:

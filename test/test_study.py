@@ -184,3 +184,12 @@ def test_park_pauses_a_run_and_prints_its_fp16_checkpoint_to_commit(tmp_path, ca
         assert {str(v.dtype) for v in load_file(name).values()} <= {"float16", "int64"}
     with pytest.raises(ValueError, match="no checkpoint"):
         main(["--root", str(tmp_path), "park", "fold2"])
+
+
+def test_a_run_whose_fold_is_exported_is_not_trained_again(tmp_path, capsys):
+    # A fresh clone holds a finished fold's weights, not its checkpoints: training it again
+    # would cost hours and replace the committed fold.
+    write_weights(tmp_path / "runs" / "folds" / "weights", folds=2, fitted=False)
+    assert main(["--root", str(tmp_path), "train", "fold1"]) == 0
+    assert "fold1 is trained (fold 1 in" in capsys.readouterr().out
+    assert not (tmp_path / "runs" / "folds" / "train").exists()
