@@ -64,6 +64,7 @@ from train.task import (
     autocast_dtype,
     build_network,
     cpu_bf16_backward_safe,
+    fit,
     predict_mask,
     validation_predictor,
 )
@@ -257,6 +258,35 @@ def test_cpu_bf16_training_is_refused_where_its_gradients_are_wrong():
     with pytest.raises(ValueError, match="bf16"):
         autocast_dtype("bf16", cpu, 32)
     assert autocast_dtype("bf16", cpu) == torch.bfloat16  # inference-only use is fine
+
+
+def test_gpu_training_takes_bf16_only_where_native_and_scales_fp16_losses(monkeypatch):
+    """A T4 or V100 emulates bf16 (torch's is_bf16_supported() still says yes): fp16 there,
+    with the loss scaled so that small gradients survive; bf16 from Ampere on."""
+    native = {"value": False}
+
+    def is_bf16_supported(including_emulation=True):
+        return True if including_emulation else native["value"]
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    cuda = torch.device("cuda")
+    assert autocast_dtype("auto", cuda, 64) == torch.float16
+    native["value"] = True
+    assert autocast_dtype("auto", cuda, 64) == torch.bfloat16
+    assert autocast_dtype("fp32", cuda, 64) is None
+
+    # fp16 (run on the CPU here): a loss this small flushes every unscaled gradient to zero.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.Conv3d(4, 2, 1))
+    before = net[0].weight.detach().clone()
+    images = np.random.default_rng(0).random((2, 1, 8, 8, 8), dtype=np.float32)
+    batches = [(images, np.zeros((2, 8, 8, 8), np.float32))]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    result = fit(
+        net, batches, lambda z, y: 1e-4 * z.mean(), optimizer, torch.device("cpu"), torch.float16
+    )
+    assert math.isfinite(result.loss) and result.steps == 1
+    assert not torch.equal(net[0].weight, before), "fp16 gradients flushed to zero"
 
 
 class Threshold(torch.nn.Module):

@@ -46,7 +46,7 @@ class TrainConfig:
     msfe: bool = True
     upsampling: str = "trilinear"  # decoder: the paper's trilinear, or "transposed" convs
     target_spacing: float = 0.227  # mm, isotropic (SHINY-ICARUS' 3DRA spacing)
-    precision: str = "auto"  # bf16 autocast where the processor supports it, else fp32
+    precision: str = "auto"  # bf16 where native; fp16 (loss-scaled) on older GPUs; else fp32
     val_overlap: float = 0.25  # sliding-window overlap of the validation forward
     seed: int = 0
     init_weights: str = ""  # start from this model (.safetensors) instead of a seeded one

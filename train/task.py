@@ -20,6 +20,7 @@ from torch import nn
 from inference.backend_base import cpu_flags
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import DEFAULT_NORMALIZATION, Geometry
+from inference.torch_backend import cuda_autocast_dtype
 from metrics import cldice, dice
 from model.network import VesselUNet
 from model.weights import Manifest
@@ -63,9 +64,11 @@ def autocast_dtype(
 ) -> torch.dtype | None:
     """The autocast dtype for ``precision`` ("auto", "fp32", "bf16"); None means fp32.
 
-    "auto" picks bf16 on GPUs and on CPUs with native bf16 support, fp32 elsewhere (emulated
-    bf16 is slower than fp32). For CPU training with ``training_patch`` where bf16 gradients
-    are wrong (:func:`cpu_bf16_backward_safe`), "auto" falls back to fp32 and "bf16" is an error.
+    "auto" picks, on a GPU, what the container picks (:func:`cuda_autocast_dtype`: bf16 from
+    compute capability 8.0, fp16 before, e.g. a T4 or V100, whose bf16 is emulated; :func:`fit`
+    scales fp16 losses), and on a CPU bf16 where it is native, fp32 elsewhere (emulated bf16
+    is slower than fp32). For CPU training with ``training_patch`` where bf16 gradients are
+    wrong (:func:`cpu_bf16_backward_safe`), "auto" falls back to fp32 and "bf16" is an error.
     """
     if precision == "fp32":
         return None
@@ -82,7 +85,7 @@ def autocast_dtype(
             )
         return torch.bfloat16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        return cuda_autocast_dtype()
     return torch.bfloat16 if cpu_supports_bf16() and not cpu_unsafe else None
 
 
@@ -106,12 +109,14 @@ def fit(
     device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> FitResult:
-    """One optimiser step per batch; the forward pass under autocast, the loss in fp32.
+    """One optimiser step per batch; the forward pass under autocast, the loss in fp32, and
+    under fp16 the loss scaled (``GradScaler``) so that small gradients do not flush to zero.
 
     A batch's arrays are used before the next batch is asked for, and not kept: a background
     loader may reuse their memory (:class:`train.sampling.BackgroundBatches`).
     """
     net.train()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start, losses, patches = time.perf_counter(), [], 0
     for images, labels in batches:
         x = torch.from_numpy(images).to(device)
@@ -122,8 +127,9 @@ def fit(
             logits = net(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(loss.detach())
         patches += images.shape[0]
     mean = float(torch.stack(losses).mean()) if losses else float("nan")
