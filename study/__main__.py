@@ -2,7 +2,7 @@
 
     python -m study data                    # phantom federations and the two test sets
     python -m study train fold0             # one run of study.runs.RUNS (resumes)
-    python -m study park fold0              # pause it after its round, fp16 checkpoint to commit
+    python -m study park [fold0 ...]        # pause after the round, fp16 checkpoints to commit
     python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
     python -m study evaluate                # Tables 1-3 -> results/results.md, curves
     python -m study pilot                   # the pilots: data family and learning rate
@@ -22,7 +22,14 @@ from pathlib import Path
 from study import postprocessing, ship, tables
 from study.data import make_data
 from study.paths import StudyPaths
-from study.runs import PILOTS, RUNS, park, train
+from study.runs import PILOTS, RUNS, park, train, unfinished
+
+
+def run_name(name: str) -> str:
+    """A run of :data:`study.runs.RUNS` (argparse's ``choices`` refuses an empty ``*`` list)."""
+    if name not in RUNS:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a run: {', '.join(sorted(RUNS))}")
+    return name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data")
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
-    commands.add_parser("park").add_argument("run", choices=sorted(RUNS))
+    parking = commands.add_parser("park", help="default: every unfinished run with a checkpoint")
+    parking.add_argument("runs", nargs="*", type=run_name, metavar="RUN")
     commands.add_parser("postprocess").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("evaluate")
     commands.add_parser("pilot")
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             if run not in PILOTS:
                 train(paths, run)
     if args.command == "park":
-        print(" ".join(str(path) for path in park(paths, args.run)))
+        for run in args.runs or unfinished(paths):
+            print(" ".join(str(path) for path in park(paths, run)))
     if args.command in ("postprocess", "all"):
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
     if args.command in ("evaluate", "all"):

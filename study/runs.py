@@ -121,10 +121,24 @@ def exported_folds(weights: Path) -> set[int]:
     return {entry.fold for entry in load_manifest(weights).folds}
 
 
+def checkpoint_folder(paths: StudyPaths, name: str) -> Path:
+    return paths.runs / folder_of(name) / "train" / f"fold{RUNS[name].fold}"
+
+
+def unfinished(paths: StudyPaths) -> list[str]:
+    """The runs that have a checkpoint but no exported fold: started, not done."""
+    return [
+        name
+        for name, run in RUNS.items()
+        if (checkpoint_folder(paths, name) / "state.json").is_file()
+        and run.fold not in exported_folds(paths.weights(folder_of(name)))
+    ]
+
+
 def park(paths: StudyPaths, name: str) -> list[Path]:
     """Pause run ``name`` after its current round (at once if it is not training) and write
     its checkpoint in fp16: the files to commit so that another session resumes it."""
-    return compact(paths.runs / folder_of(name) / "train" / f"fold{RUNS[name].fold}")
+    return compact(checkpoint_folder(paths, name))
 
 
 def _train(data: Path, run: Run, work: Path) -> None:

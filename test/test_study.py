@@ -167,13 +167,15 @@ def test_park_pauses_a_run_and_prints_its_fp16_checkpoint_to_commit(tmp_path, ca
     from train.config import TrainConfig
     from train.server_app import initial_arrays
 
-    config = TrainConfig.from_run_config({"base-channels": 4, "fold": 1})
-    folder = tmp_path / "runs" / "folds" / "train" / "fold1"
-    folder.mkdir(parents=True)
-    arrays = initial_arrays(config)
-    state = RunState(config=config.to_run_config(), round=7, best_round=7, best_dice=0.4)
-    save_checkpoint(folder, state, arrays, arrays)
-    assert main(["--root", str(tmp_path), "park", "fold1"]) == 0
+    for fold in (0, 1):  # fold 0 finished (exported), fold 1 under way
+        config = TrainConfig.from_run_config({"base-channels": 4, "fold": fold})
+        folder = tmp_path / "runs" / "folds" / "train" / f"fold{fold}"
+        folder.mkdir(parents=True)
+        arrays = initial_arrays(config)
+        state = RunState(config=config.to_run_config(), round=7, best_round=7, best_dice=0.4)
+        save_checkpoint(folder, state, arrays, arrays)
+    write_weights(tmp_path / "runs" / "folds" / "weights", folds=1, fitted=False)
+    assert main(["--root", str(tmp_path), "park"]) == 0  # every unfinished run: fold 1 only
     printed = capsys.readouterr().out.split()
     assert printed == [
         str(folder / "state.json"),
