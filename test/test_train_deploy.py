@@ -210,8 +210,10 @@ def test_federation_with_tls_and_authenticated_supernodes(tmp_path, processes):
     assert training.wait(ROUND_TIMEOUT * 4) == 0, processes.log("flwr-run")
     assert all(node.poll() is None for site, node in nodes.items() if site != "site3")
 
-    state = json.loads((runs / "fold0" / "state.json").read_text())
-    assert state["round"] == 2
+    # flwr run also returns when the SuperLink gives up on a starved ServerApp: say so.
+    state_file = runs / "fold0" / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"round": 0}
+    assert state["round"] == 2, processes.log("flwr-run")[-4000:]
     first, second = state["history"]
     answered = set(first["train"]["sites"]) & set(first["validation"]["sites"])
     assert answered == {"site1", "site2"}
