@@ -20,7 +20,7 @@ from train import sampling
 from train.config import TrainConfig
 from train.data import CachedCase, Case, SiteDataError, list_cases, load_site
 from train.sampling import LoaderError, epoch_batches, sample_patch
-from train.task import build_network, train_site
+from train.task import build_network, train_site, training_memory_format
 
 SPACING = (0.227,) * 3
 
@@ -188,3 +188,25 @@ def test_loader_workers_follow_the_cpus_this_process_may_use(monkeypatch):
         assert sampling.loader_workers() == workers
     monkeypatch.setenv(sampling.LOADER_WORKERS_ENV, "0")
     assert sampling.loader_workers() == 0
+
+
+def test_cpu_fp32_training_runs_channels_last_and_replies_in_the_plain_layout(site_root, tmp_path):
+    cpu = torch.device("cpu")
+    assert training_memory_format(cpu, None) == torch.channels_last_3d
+    assert training_memory_format(cpu, torch.bfloat16) == torch.contiguous_format
+    assert training_memory_format(torch.device("cuda"), None) == torch.contiguous_format
+    site = load_site(site_root, SPACING, cache_dir=tmp_path / "c")
+    config = TrainConfig.from_run_config(
+        {"patch-size": 32, "base-channels": 4, "patches-per-case": 2, "precision": "fp32"}
+    )
+    net = build_network(config)
+    first = next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d))
+    layouts = []
+    first.register_forward_hook(
+        lambda module, inputs, output: layouts.append(
+            output.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+    )
+    result, _ = train_site(net, site, config, 1, cpu, 0)
+    assert result.steps == 3 and layouts == [True] * 3
+    assert all(v.is_contiguous() for v in net.state_dict().values())

@@ -89,6 +89,14 @@ def autocast_dtype(
     return torch.bfloat16 if cpu_supports_bf16() and not cpu_unsafe else None
 
 
+def training_memory_format(device: torch.device, amp_dtype: torch.dtype | None):
+    """channels-last where a CPU trains in fp32: oneDNN's fp32 3D convolutions need fewer
+    reorders in it (a 64^3 step 1.3-1.5x faster on an AVX2 CPU, same losses); in bf16 it was
+    slower (1.71 s against 1.55 s), and GPUs keep what cuDNN was tuned with."""
+    fp32_cpu = device.type == "cpu" and amp_dtype is None
+    return torch.channels_last_3d if fp32_cpu else torch.contiguous_format
+
+
 def seeded_generator(*keys: int) -> np.random.Generator:
     """A numpy generator from a tuple of non-negative integers; also seeds torch from it."""
     sequence = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys])
@@ -231,9 +239,10 @@ def train_site(
         )
     weight = config.pos_weight or positive_weight(fraction)
     ignore_value = IGNORE_TARGET if has_ignore(training) else None  # None: the plain loss
-    net.to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     amp_dtype = autocast_dtype(config.precision, device, config.patch_size)
+    memory_format = training_memory_format(device, amp_dtype)
+    net.to(device, memory_format=memory_format)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
     results = []
 
     def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -254,6 +263,7 @@ def train_site(
             copy=False,
         ) as batches:
             results.append(fit(net, batches, loss_fn, optimizer, device, amp_dtype))
+    net.to(memory_format=torch.contiguous_format)  # the reply's arrays in the plain layout
     steps = sum(r.steps for r in results)
     loss = sum(r.loss * r.steps for r in results) / max(steps, 1)
     total = FitResult(loss, steps, sum(r.patches for r in results), sum(r.seconds for r in results))
