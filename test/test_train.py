@@ -550,12 +550,14 @@ def test_a_paused_run_is_compacted_to_fp16_and_resumes_in_fp32(tmp_path):
 def test_one_process_trains_a_fold_and_a_pause_waits_for_its_round(tmp_path):
     rounds = []
 
-    def training() -> None:  # what the ServerApp does: rounds until asked to pause
+    def training() -> None:  # what the ServerApp does: a round, then a look for a pause
         with training_lock(tmp_path):
             started.set()
-            while not pause_requested(tmp_path):
+            while True:
                 rounds.append(len(rounds) + 1)
                 time.sleep(0.02)
+                if pause_requested(tmp_path):
+                    return
 
     started = threading.Event()
     trainer = threading.Thread(target=training)
@@ -567,6 +569,7 @@ def test_one_process_trains_a_fold_and_a_pause_waits_for_its_round(tmp_path):
     ):
         pass
     assert pause(tmp_path, poll_seconds=0.01) is None  # returns once the round has ended
+    trainer.join(timeout=10)  # it released the lock on its way out
     assert not trainer.is_alive() and rounds and not (tmp_path / PAUSE).exists()
     with training_lock(tmp_path):  # free again
         pass
