@@ -568,7 +568,7 @@ def test_one_process_trains_a_fold_and_a_pause_waits_for_its_round(tmp_path):
         training_lock(tmp_path),
     ):
         pass
-    assert pause(tmp_path, poll_seconds=0.01) is None  # returns once the round has ended
+    assert pause(tmp_path) is None  # returns once the round has ended
     trainer.join(timeout=10)  # it released the lock on its way out
     assert not trainer.is_alive() and rounds and not (tmp_path / PAUSE).exists()
     with training_lock(tmp_path):  # free again

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -175,20 +174,14 @@ def pause_requested(directory: Path) -> bool:
     return True
 
 
-def pause(directory: Path, poll_seconds: float = 5.0) -> RunState | None:
+def pause(directory: Path) -> RunState | None:
     """Stop the fold training in ``directory`` after its current round and wait until it has;
     at once when nothing trains it. Returns its saved state (None when it never started)."""
     if not directory.is_dir():
         return None
     (directory / PAUSE).touch()
-    while True:
-        with open(directory / LOCK, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break  # nobody trains: the checkpoint on disk is final
-            except BlockingIOError:
-                pass
-        time.sleep(poll_seconds)
+    with open(directory / LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the training process lets go
     (directory / PAUSE).unlink(missing_ok=True)
     path = directory / STATE
     return RunState(**_without_format(json.loads(path.read_text()))) if path.is_file() else None
