@@ -16,7 +16,7 @@ from pathlib import Path
 from model.weights import MANIFEST, load_manifest
 from study.data import PARTIAL_SITE, python
 from study.paths import StudyPaths
-from train.checkpoint import PAUSED_EXIT, compact
+from train.checkpoint import PAUSED_EXIT, STATE, compact
 
 MAX_ROUNDS = 60
 COMMON = {
@@ -101,12 +101,12 @@ def run_config(run: Run) -> str:
 def train(paths: StudyPaths, name: str) -> None:
     """Train run ``name``, resuming from its last checkpoint if it was interrupted; a run
     whose fold its weights folder already holds is done (a fresh clone keeps only that)."""
-    run, work = RUNS[name], paths.runs / folder_of(name)
-    if run.fold in exported_folds(work / "weights"):
-        print(f"python -m study: {name} is trained (fold {run.fold} in {work / 'weights'})")
+    run, weights = RUNS[name], paths.weights(folder_of(name))
+    if run.fold in exported_folds(weights):
+        print(f"python -m study: {name} is trained (fold {run.fold} in {weights})")
         return
     try:
-        _train(paths.data / run.data, run, work)
+        _train(paths.data / run.data, run, weights.parent)
     except subprocess.CalledProcessError as error:
         if error.returncode != PAUSED_EXIT:
             raise
@@ -130,7 +130,7 @@ def unfinished(paths: StudyPaths) -> list[str]:
     return [
         name
         for name, run in RUNS.items()
-        if (checkpoint_folder(paths, name) / "state.json").is_file()
+        if (checkpoint_folder(paths, name) / STATE).is_file()
         and run.fold not in exported_folds(paths.weights(folder_of(name)))
     ]
 

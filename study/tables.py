@@ -20,6 +20,7 @@ from study.data import EVALUATION_SETS, PARTIAL_SITE
 from study.paths import StudyPaths
 from study.runs import COMMON, FOLDS, LR_PILOT_ROUNDS, PILOT_ROUNDS, PILOTS, RUNS, folder_of
 from study.scoring import case_results, cleaned, cleaned_folder, predict, score, table
+from train.checkpoint import read_state
 
 SINGLE_RUNS = ("msfe-only", "hsca-only", "pooled", "site1-alone", "site2-alone", "site3-alone")
 PARTIAL_RUNS = {
@@ -188,8 +189,8 @@ def learning_rates(paths: StudyPaths) -> str:
 
 def training_history(paths: StudyPaths, run_folder: str, fold: int) -> list[dict] | None:
     """The per-round records of one fold of a run folder (``state.json``), None if untrained."""
-    state = paths.runs / run_folder / "train" / f"fold{fold}" / "state.json"
-    return json.loads(state.read_text())["history"] if state.is_file() else None
+    state = read_state(paths.runs / run_folder / "train" / f"fold{fold}")
+    return None if state is None else state.history
 
 
 def draw_worst_case(

@@ -124,16 +124,9 @@ def load_checkpoint(
 
     Raises ValueError when the folder holds a run with a different configuration.
     """
-    path = directory / STATE
-    if not path.is_file():
+    state = read_state(directory)
+    if state is None:
         return None
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if data.pop("format", None) != FORMAT:
-        raise ValueError(f"{path}: not a training state of format {FORMAT}")
-    state = RunState(**data)
     current = config.to_run_config()
     # A setting added after the run started takes its default, which is how the run behaved.
     saved = {**TrainConfig().to_run_config(), **state.config}
@@ -152,6 +145,20 @@ def load_checkpoint(
     global_arrays = load_arrays(directory / state.global_file)
     best_arrays = load_arrays(directory / state.best_file) if state.best_file else None
     return state, global_arrays, best_arrays
+
+
+def read_state(directory: Path) -> RunState | None:
+    """The saved state of the run in ``directory``, None when it has not started."""
+    path = directory / STATE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    if data.pop("format", None) != FORMAT:
+        raise ValueError(f"{path}: not a training state of format {FORMAT}")
+    return RunState(**data)
 
 
 @contextmanager
@@ -183,8 +190,7 @@ def pause(directory: Path) -> RunState | None:
     with open(directory / LOCK, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # blocks until the training process lets go
     (directory / PAUSE).unlink(missing_ok=True)
-    path = directory / STATE
-    return RunState(**_without_format(json.loads(path.read_text()))) if path.is_file() else None
+    return read_state(directory)
 
 
 def compact(directory: Path) -> list[Path]:
@@ -198,8 +204,3 @@ def compact(directory: Path) -> list[Path]:
         half = {k: v.astype(np.float16) if v.dtype == np.float32 else v for k, v in arrays.items()}
         save_arrays(directory / name, half)
     return [directory / STATE, *(directory / name for name in sorted(names))]
-
-
-def _without_format(data: dict) -> dict:
-    data.pop("format", None)
-    return data

@@ -284,13 +284,14 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
         state, arrays, best = RunState(config=config.to_run_config()), initial_arrays(config), None
     else:
         state, arrays, best = saved
-        state.stop_reason = ""
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
     strategy = build_strategy(config)
     while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
         arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
         improved = update_state(state, record)
         best = arrays if improved else best
+        paused = pause_requested(directory)
+        state.stop_reason = PAUSED if paused else ""
         save_checkpoint(directory, state, arrays, arrays if improved else None)
         log.info(
             "round %d: loss %s, validation Dice %s clDice %s (best %.4f in round %d), %.1f s",
@@ -302,9 +303,7 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
             state.best_round,
             record["seconds"],
         )
-        if pause_requested(directory):
-            state.stop_reason = PAUSED
-            save_checkpoint(directory, state, arrays, None)
+        if paused:
             log.info("fold %d: paused after round %d", config.fold, state.round)
             return state
     state.stop_reason = (
