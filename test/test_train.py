@@ -58,7 +58,7 @@ from train.sampling import (
     make_patch,
     sample_patch,
 )
-from train.server_app import failures, initial_arrays
+from train.server_app import failures, initial_arrays, update_state
 from train.strategy import RobustFedAvg
 from train.task import (
     autocast_dtype,
@@ -519,6 +519,26 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
     assert load_checkpoint(tmp_path, config)[0].round == 3
     with pytest.raises(ValueError, match="init-weights '' -> 'x.safetensors'"):
         load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
+
+
+def test_a_resumed_run_refuses_a_site_whose_data_changed():
+    def record(round_, fingerprint):
+        scores = dict.fromkeys(("dice", "cldice", "clre", "clpr"), 0.5)
+        sites = {"site1": {"cases": 4, "fingerprint": fingerprint}}
+        validation = {"sites": {}, **scores}
+        return {
+            "round": round_,
+            "train": {"sites": sites},
+            "validation": validation,
+            "seconds": 1.0,
+        }
+
+    state = RunState(config={})
+    assert update_state(state, record(1, "aaaa"))
+    update_state(state, record(2, "aaaa"))
+    with pytest.raises(ValueError, match="site1: dataset changed .* aaaa -> bbbb"):
+        update_state(state, record(3, "bbbb"))
+    assert state.round == 2  # the refused round left the state as it was
 
 
 def test_a_paused_run_is_compacted_to_fp16_and_resumes_in_fp32(tmp_path):

@@ -193,7 +193,17 @@ def play_round(
 
 
 def update_state(state: RunState, record: dict) -> bool:
-    """Fold a round's record into the state; True when its model is the best so far."""
+    """Fold a round's record into the state; True when its model is the best so far.
+
+    Raises ValueError when a site's data is not what the run started on (a resumed run
+    would otherwise mix two datasets silently)."""
+    for name, report in record["train"]["sites"].items():
+        known, now = state.sites.get(name, {}).get("fingerprint"), report.get("fingerprint")
+        if known and now and known != now:
+            raise ValueError(
+                f"{name}: dataset changed since this run started (fingerprint {known} -> {now}); "
+                "train on the data it started with, or start afresh (--fresh)"
+            )
     state.round = record["round"]
     state.history.append(record)
     state.training_seconds += record["seconds"]
