@@ -48,6 +48,10 @@ CHANNEL_NAMES = {"0": "3DRA"}
 LABELS = {"background": 0, "vessel": 1}
 FILE_ENDING = ".nii.gz"
 FAMILIES = ("randomised", "reference", "independent")
+FAMILY_VERSIONS = {"randomised": 2, "reference": 1, "independent": 1}
+"""Raised with every change to a family's generator that alters the case a seed draws, and
+recorded in ``dataset.json``: data of an older version is another dataset (randomised 2: air
+past the skin, cancellous bone, a heavy-tailed point-spread)."""
 
 
 def generate_family_case(
@@ -110,6 +114,7 @@ def dataset_json(
         "file_ending": FILE_ENDING,
         "phantom": {
             "family": family,
+            "version": FAMILY_VERSIONS[family],
             "site": site or None,
             "shape_zyx": list(shape),
             "spacing_mm": spacing,

@@ -13,12 +13,15 @@ draws, independently:
   than, equal to or darker than the vessels: the reference skull base and calvarium, thin or
   thick curved bone shells and plates, skull-base-like blobs on one side of the volume, bright
   spots (calcifications, coils), each kept out of the lumen and, mostly, out of a canal
-  around it; air cells; a background of smooth textures at several scales and Voronoi cells,
-  at a fraction of the vessel contrast, inverted with probability 0.3;
+  around it, half of them cancellous (marrow spaces between trabeculae inside a cortex); air
+  cells, and in a fifth of the cases air past the skin filling 10-60 % of the volume; a
+  background of smooth textures at several scales and Voronoi cells, at a fraction of the
+  vessel contrast, inverted with probability 0.3;
 * the imaging: vessels painted over or added to what lies beneath, an (an)isotropic Gaussian
-  point-spread, white or correlated noise with a signal-dependent part, Rician noise, streaks,
-  a multiplicative bias field, a gamma, the reconstruction cylinder or sphere filled with a
-  constant at the minimum, and a random linear map to 16-bit values.
+  point-spread with, in half the cases, a heavy tail (detector glare, scatter), white or
+  correlated noise with a signal-dependent part, Rician noise, streaks, a multiplicative bias
+  field, a gamma, the reconstruction cylinder or sphere filled with a constant at the
+  minimum, and a random linear map to 16-bit values.
 
 Intensities are drawn on a unit scale (tissue 0.2-0.6, vessel contrast 0.15-1.2 above it), so
 that the vessels are sometimes barely above tissue and no global threshold segments them; the
@@ -54,6 +57,12 @@ REFERENCE_SHARE = 0.5
 """Cases drawn with the site's fixed reference look (phantoms.generator) instead: vesselFM
 likewise mixes domain-randomised volumes with ones of a realistic look. At 0.3 the pilot's
 model drew the reference family's vessels a voxel too wide (README, Pilot)."""
+OUTSIDE_HEAD_SHARE = 0.2
+"""Randomised cases whose field of view reaches past the skin into air (:func:`_head`)."""
+PSF_TAIL_SHARE = 0.5
+"""Randomised cases whose point-spread has a heavy tail (:func:`_add_psf_tail`)."""
+CANCELLOUS_SHARE = 0.5
+"""Bone structures whose interior is cancellous: marrow spaces between trabeculae."""
 MAX_VESSEL_FRACTION = 0.03
 """No further tree is added once the lumen fills this fraction of the volume (3DRA: 1-3 %)."""
 
@@ -362,6 +371,51 @@ def _acquire(
         image[:] = scaled ** UNIT(rng.uniform(0.6, 1.6)) * UNIT(high - low) + UNIT(low)
 
 
+def _marrow_spaces(occupancy: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The marrow spaces of a bone's cancellous interior (diploe, skull base): holes of
+    0.3-1 mm filling 30-70 % of the bone deeper than a cortical layer of 1-2.5 voxels. The
+    trabeculae left between them are bright specks and rods of a vessel's size and level,
+    which the network must learn to leave out; a smooth bone never shows it one."""
+    cortex = rng.uniform(1.0, 2.5)
+    depth = ndimage.distance_transform_edt(occupancy >= 0.5).astype(UNIT)
+    field = SmoothField(occupancy.shape, rng.uniform(1.3, 4.0), rng).full()
+    threshold = np.quantile(field[::2, ::2, ::2], 1 - rng.uniform(0.3, 0.7))
+    holes = np.clip((field - threshold) * UNIT(3.0) + UNIT(0.5), 0, 1)
+    return holes * _ramp(depth - UNIT(cortex))
+
+
+def _add_psf_tail(image: np.ndarray, spacing: float, rng: np.random.Generator) -> None:
+    """Mix a wide blur into the image, in place: a C-arm's point-spread is not Gaussian.
+    Veiling glare in the detector (light spreading in the scintillator) and scatter that the
+    reconstruction does not remove move a share of each voxel's signal millimetres away, and
+    motion or an imperfect calibration widens it further. A tail of 0.2-1.2 mm holding 5-35 %
+    lifts the voxels just outside a vessel towards the vessel's level without moving the
+    lumen's edge, so that the network must place the edge by shape, not by a fixed level."""
+    sigma = math.exp(rng.uniform(math.log(0.2), math.log(1.2))) / spacing
+    share = UNIT(rng.uniform(0.05, 0.35))
+    tail = ndimage.gaussian_filter(image, sigma, mode="nearest")
+    image *= 1 - share
+    image += share * tail
+
+
+def _head(shape, rng: np.random.Generator) -> np.ndarray:
+    """Inside the head (1) against air (0), ramped over a voxel: a sphere of head size (70-100
+    mm at 0.227 mm) whose surface crosses the volume so that 10-60 % of it is air. Wide or
+    off-centre reconstructions hold that much air; the median of such a case falls in air."""
+    radius = rng.uniform(70.0, 100.0) / 0.227
+    normal = rng.standard_normal(3)
+    normal /= np.linalg.norm(normal)
+    g = _grid(shape)
+    centre_of_volume = (np.asarray(shape) - 1) / 2
+    # Sample the depth of the skin along the normal so that the air fraction is as drawn.
+    along = sum((gi - c) * UNIT(n) for gi, c, n in zip(g, centre_of_volume, normal))
+    along = np.broadcast_to(along, shape)
+    depth = float(np.quantile(along[::4, ::4, ::4], 1 - rng.uniform(0.1, 0.6)))
+    centre = centre_of_volume + normal * (depth - radius)
+    distance = np.sqrt(sum((gi - UNIT(c)) ** 2 for gi, c in zip(g, centre)))
+    return _ramp(UNIT(radius) - distance)
+
+
 def _quantise(
     image: np.ndarray, fov: np.ndarray | None, rng: np.random.Generator, dtype: type[np.integer]
 ) -> np.ndarray:
@@ -407,8 +461,14 @@ def generate_randomised(
     structures = [_reference_skull(anatomy)] if rng.random() < 0.6 else []
     structures += [maker(shape, rng) for maker in chosen]
     clearance = _clearance(label, rng)
+    # Marrow, air past the skin and the point-spread's tail draw from streams of their own,
+    # so that every other draw of the case stays as it was.
+    bone_rng, air_rng, tail_rng = (np.random.default_rng([seed, k]) for k in (0xB0E, 0xA1E, 0x7A1))
     for occupancy in structures:
         _paint(image, occupancy * clearance, tissue + contrast * rng.uniform(0.4, 1.8), grain)
+        if bone_rng.random() < CANCELLOUS_SHARE:
+            marrow = tissue + contrast * bone_rng.uniform(0.0, 0.4)
+            _paint(image, _marrow_spaces(occupancy, bone_rng) * clearance, marrow)
     for _ in range(int(rng.integers(0, 4))):  # air cells: dark ellipsoids
         _paint(image, _air_cell(shape, rng), rng.uniform(-0.3, 0.1))
     vessel_level = UNIT(contrast * rng.uniform(0.9, 1.1))
@@ -417,6 +477,12 @@ def generate_randomised(
     else:
         image += vessel_level * signal
     streak_sources = tree.aneurysm_centres[:1] + _bright_points(structures)
+    if air_rng.random() < OUTSIDE_HEAD_SHARE:
+        head = _head(shape, air_rng)
+        _paint(image, 1 - head, tissue - contrast * air_rng.uniform(0.5, 3.0))
+        label &= head >= 0.5
+    if tail_rng.random() < PSF_TAIL_SHARE:  # before the core blur and the noise: they commute
+        _add_psf_tail(image, spacing, tail_rng)
     _acquire(image, anatomy, spacing, contrast, streak_sources, rng)
     fov = _field_of_view(shape, rng)
     if fov is not None:

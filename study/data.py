@@ -16,12 +16,14 @@ naively as background, ``sparse`` slabs), and ``federation-without-<site>`` leav
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from phantoms.dataset import FAMILY_VERSIONS
 from study.paths import REPOSITORY, StudyPaths
 
 FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
@@ -66,6 +68,7 @@ def phantoms(out: Path, spec: dict, *options: str) -> None:
 def make_data(paths: StudyPaths) -> None:
     """Write whatever of the federations, test sets and data views is missing."""
     data = paths.data
+    _refuse_stale_federations(data)
     federation = data / "federation"
     if not federation.exists():
         phantoms(federation, FEDERATION, "--family", "randomised")
@@ -79,6 +82,20 @@ def make_data(paths: StudyPaths) -> None:
     _partial_federations(data)
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     _link_views(data, sites)
+
+
+def _refuse_stale_federations(data: Path) -> None:
+    """Stop when a federation on disk was drawn by an older version of its generator: the
+    study would otherwise train and resume on data this code no longer writes."""
+    for description in sorted(data.glob("*/site*/dataset.json")):
+        phantom = json.loads(description.read_text()).get("phantom", {})
+        family, version = phantom.get("family"), phantom.get("version", 1)
+        if family in FAMILY_VERSIONS and version != FAMILY_VERSIONS[family]:
+            raise SystemExit(
+                f"python -m study: {description.parent.parent} holds {family} phantoms of "
+                f"version {version}, this code draws version {FAMILY_VERSIONS[family]}; "
+                f"delete {data} and the runs trained on it to start over"
+            )
 
 
 def _partial_federations(data: Path) -> None:

@@ -14,7 +14,16 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from phantoms import write_dataset
-from phantoms.randomised import MAX_VESSEL_FRACTION, _blobs, _clearance, generate_randomised
+from phantoms.randomised import (
+    MAX_VESSEL_FRACTION,
+    OUTSIDE_HEAD_SHARE,
+    _add_psf_tail,
+    _blobs,
+    _clearance,
+    _head,
+    _marrow_spaces,
+    generate_randomised,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = range(10)
@@ -123,3 +132,46 @@ def test_bone_stays_out_of_the_lumen_and_skull_base_lumps_on_one_side() -> None:
     for seed in range(4):
         lumps = _blobs((48, 48, 48), np.random.default_rng(seed))
         assert (lumps > 0.5).mean() <= 0.1
+
+
+def test_a_heavy_tailed_point_spread_lifts_the_first_ring_outside_a_vessel() -> None:
+    """The tail moves signal from the lumen to the tissue around it, conserving it, so that
+    the first voxels outside a vessel are brighter than a Gaussian point-spread leaves them."""
+    image = np.zeros((32, 32, 32), dtype=np.float32)
+    image[14:18, 14:18, :] = 1.0
+    lumen = image > 0
+    first_ring = ndimage.binary_dilation(lumen) & ~lumen
+    lifts = []
+    for seed in range(6):
+        tailed = image.copy()
+        _add_psf_tail(tailed, 0.227, np.random.default_rng(seed))
+        assert tailed.sum() == pytest.approx(image.sum(), rel=2e-3)  # less what leaves the volume
+        assert tailed[lumen].mean() < 1.0
+        lifts.append(tailed[first_ring].mean())
+    assert min(lifts) > 0.005 and max(lifts) > 2 * min(lifts), lifts  # each case its own tail
+
+
+def test_a_field_of_view_past_the_skin_holds_air_and_no_vessel_there() -> None:
+    shares = [(_head((48, 48, 48), np.random.default_rng(s)) < 0.5).mean() for s in range(12)]
+    assert min(shares) > 0.05 and max(shares) < 0.7 and max(shares) - min(shares) > 0.2, shares
+    seed = 2  # a randomised case whose field of view reaches past the skin
+    outer = np.random.default_rng([seed, 0xA1E])
+    assert outer.random() < OUTSIDE_HEAD_SHARE
+    head = _head((64, 64, 64), outer) >= 0.5
+    case = generate_randomised((64, 64, 64), seed=seed)
+    image, label = case.image.astype(float), case.label > 0
+    assert not label[~head].any() and label.any()
+    assert np.median(image[~head]) < np.median(image[head]) < np.median(image[label])
+
+
+def test_cancellous_bone_has_marrow_spaces_inside_a_solid_cortex() -> None:
+    slab = np.zeros((40, 40, 40), dtype=np.float32)
+    slab[8:32] = 1.0  # 24 voxels thick
+    depth = ndimage.distance_transform_edt(slab >= 0.5)
+    for seed in range(4):
+        holes = _marrow_spaces(slab, np.random.default_rng(seed))
+        assert holes[depth <= 1].max() <= 0.5  # the cortex stays at least half bone
+        assert 0.2 < (holes[depth > 3] > 0.5).mean() < 0.8
+        # spaces between trabeculae, not one cavity: a line through the marrow crosses several
+        line = holes[12:28, 12:28, 4:36] > 0.5
+        assert np.abs(np.diff(line.astype(int), axis=-1)).sum(-1).mean() >= 2

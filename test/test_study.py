@@ -197,3 +197,12 @@ def test_a_run_whose_fold_is_exported_is_not_trained_again(tmp_path, capsys):
     assert main(["--root", str(tmp_path), "train", "fold1"]) == 0
     assert "fold1 is trained (fold 1 in" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "folds" / "train").exists()
+
+
+def test_data_of_an_older_generator_version_stops_the_study(tmp_path):
+    paths = StudyPaths.at(tmp_path)
+    site = paths.data / "federation" / "site1"
+    site.mkdir(parents=True)
+    (site / "dataset.json").write_text(json.dumps({"phantom": {"family": "randomised"}}))
+    with pytest.raises(SystemExit, match="randomised phantoms of version 1, .* version 2"):
+        study_data.make_data(paths)
