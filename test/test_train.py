@@ -521,24 +521,24 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
         load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
 
 
-def test_a_resumed_run_refuses_a_site_whose_data_changed():
-    def record(round_, fingerprint):
+def test_a_resumed_run_refuses_a_site_whose_cases_changed_and_logs_other_changes(caplog):
+    def record(round_, cases, fingerprint):
         scores = dict.fromkeys(("dice", "cldice", "clre", "clpr"), 0.5)
-        sites = {"site1": {"cases": 4, "fingerprint": fingerprint}}
+        sites = {"site1": {"cases": cases, "fingerprint": fingerprint}}
         validation = {"sites": {}, **scores}
-        return {
-            "round": round_,
-            "train": {"sites": sites},
-            "validation": validation,
-            "seconds": 1.0,
-        }
+        return {"round": round_, "train": {"sites": sites}, "validation": validation, "seconds": 1}
 
     state = RunState(config={})
-    assert update_state(state, record(1, "aaaa"))
-    update_state(state, record(2, "aaaa"))
-    with pytest.raises(ValueError, match="site1: dataset changed .* aaaa -> bbbb"):
-        update_state(state, record(3, "bbbb"))
-    assert state.round == 2  # the refused round left the state as it was
+    assert update_state(state, record(1, 4, "aaaa"))
+    update_state(state, record(2, 4, "aaaa"))
+    assert "differ" not in caplog.text
+    update_state(state, record(3, 4, "bbbb"))
+    assert "site1: dataset files differ from when this run started (fingerprint aaaa -> bbbb)" in (
+        caplog.text
+    )
+    with pytest.raises(ValueError, match="site1: trains on 5 cases, this run started with 4"):
+        update_state(state, record(4, 5, "cccc"))
+    assert state.round == 3  # the refused round left the state as it was
 
 
 def test_a_paused_run_is_compacted_to_fp16_and_resumes_in_fp32(tmp_path):

@@ -195,14 +195,23 @@ def play_round(
 def update_state(state: RunState, record: dict) -> bool:
     """Fold a round's record into the state; True when its model is the best so far.
 
-    Raises ValueError when a site's data is not what the run started on (a resumed run
-    would otherwise mix two datasets silently)."""
+    Raises ValueError when a site trains on another number of cases than the run started
+    with (a resumed run would otherwise mix two datasets silently); other changes to its files
+    are logged: phantoms regenerated on another CPU may differ in a few rounded voxels."""
     for name, report in record["train"]["sites"].items():
-        known, now = state.sites.get(name, {}).get("fingerprint"), report.get("fingerprint")
-        if known and now and known != now:
+        known = state.sites.get(name, {})
+        if known.get("training_cases", report["cases"]) != report["cases"]:
             raise ValueError(
-                f"{name}: dataset changed since this run started (fingerprint {known} -> {now}); "
-                "train on the data it started with, or start afresh (--fresh)"
+                f"{name}: trains on {report['cases']} cases, this run started with "
+                f"{known['training_cases']}; train on the data it started with, or start "
+                "afresh (--fresh)"
+            )
+        if known.get("fingerprint", report.get("fingerprint")) != report.get("fingerprint"):
+            log.warning(
+                "%s: dataset files differ from when this run started (fingerprint %s -> %s)",
+                name,
+                known["fingerprint"],
+                report.get("fingerprint"),
             )
     state.round = record["round"]
     state.history.append(record)
