@@ -398,11 +398,11 @@ def _add_psf_tail(image: np.ndarray, spacing: float, rng: np.random.Generator) -
     image += share * tail
 
 
-def _head(shape, rng: np.random.Generator) -> np.ndarray:
+def _head(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
     """Inside the head (1) against air (0), ramped over a voxel: a sphere of head size (70-100
-    mm at 0.227 mm) whose surface crosses the volume so that 10-60 % of it is air. Wide or
+    mm) whose surface crosses the volume so that 10-60 % of it is air. Wide or
     off-centre reconstructions hold that much air; the median of such a case falls in air."""
-    radius = rng.uniform(70.0, 100.0) / 0.227
+    radius = rng.uniform(70.0, 100.0) / spacing
     normal = rng.standard_normal(3)
     normal /= np.linalg.norm(normal)
     g = _grid(shape)
@@ -478,7 +478,7 @@ def generate_randomised(
         image += vessel_level * signal
     streak_sources = tree.aneurysm_centres[:1] + _bright_points(structures)
     if air_rng.random() < OUTSIDE_HEAD_SHARE:
-        head = _head(shape, air_rng)
+        head = _head(shape, spacing, air_rng)
         _paint(image, 1 - head, tissue - contrast * air_rng.uniform(0.5, 3.0))
         label &= head >= 0.5
     if tail_rng.random() < PSF_TAIL_SHARE:  # before the core blur and the noise: they commute

@@ -16,7 +16,6 @@ naively as background, ``sparse`` slabs), and ``federation-without-<site>`` leav
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from phantoms.dataset import FAMILY_VERSIONS
 from study.paths import REPOSITORY, StudyPaths
+from train.data import dataset_description
 
 FEDERATION = {"cases": 13, "size": 128, "seed": 700, "sites": 3}
 TEST_SET = {"cases": 3, "size": 128, "seed": 9000, "sites": 4}
@@ -87,12 +87,12 @@ def make_data(paths: StudyPaths) -> None:
 def _refuse_stale_federations(data: Path) -> None:
     """Stop when a federation on disk was drawn by an older version of its generator: the
     study would otherwise train and resume on data this code no longer writes."""
-    for description in sorted(data.glob("*/site*/dataset.json")):
-        phantom = json.loads(description.read_text()).get("phantom", {})
+    for site in sorted(data.glob("*/site*/")):
+        phantom = dataset_description(site).get("phantom", {})
         family, version = phantom.get("family"), phantom.get("version", 1)
         if family in FAMILY_VERSIONS and version != FAMILY_VERSIONS[family]:
             raise SystemExit(
-                f"python -m study: {description.parent.parent} holds {family} phantoms of "
+                f"python -m study: {site.parent} holds {family} phantoms of "
                 f"version {version}, this code draws version {FAMILY_VERSIONS[family]}; "
                 f"delete {data} and the runs trained on it to start over"
             )

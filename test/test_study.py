@@ -1,7 +1,6 @@
 """The study: its data views, the choice of cleaning on validation cases, and shipping."""
 
 import json
-from dataclasses import asdict
 
 import pytest
 import SimpleITK as sitk
@@ -15,7 +14,7 @@ from study import postprocessing, tables
 from study.__main__ import main
 from study.paths import StudyPaths
 from study.runs import FOLDS
-from train.checkpoint import FORMAT, RunState
+from train.checkpoint import RunState, write_state
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +125,10 @@ def test_learning_rate_table_compares_the_rounds_both_pilots_ran(tmp_path):
     paths = StudyPaths.at(tmp_path)
     curves = {"pilot-randomised": [0.2, 0.5, 0.4, 0.6, 0.7], "pilot-randomised-lr1e-4": [0.1, 0.3]}
     for run, curve in curves.items():
-        state = paths.runs / run / "train" / "fold0" / "state.json"
-        state.parent.mkdir(parents=True)
+        folder = paths.runs / run / "train" / "fold0"
+        folder.mkdir(parents=True)
         history = [{"round": r + 1, "validation": {"dice": d}} for r, d in enumerate(curve)]
-        state.write_text(json.dumps({"format": FORMAT, **asdict(RunState({}, history=history))}))
+        write_state(folder, RunState({}, history=history))
     text = tables.learning_rates(paths)
     assert "| 0.001 | 0.200 | 0.500 | 0.500 | 0.350 |" in text  # rounds 1-2, best, mean
     assert "| 0.0001 | 0.100 | 0.300 | 0.300 | 0.200 |" in text

@@ -110,8 +110,7 @@ def save_checkpoint(
     if best_arrays is not None:
         state.best_file = f"best-r{state.best_round:04d}.safetensors"
         save_arrays(directory / state.best_file, best_arrays)
-    state_bytes = json.dumps({"format": FORMAT, **asdict(state)}, indent=1).encode()
-    write_atomically(directory / STATE, state_bytes)
+    write_state(directory, state)
     for stale in directory.glob("*-r*.safetensors"):
         if stale.name not in (state.global_file, state.best_file):
             stale.unlink(missing_ok=True)
@@ -145,6 +144,12 @@ def load_checkpoint(
     global_arrays = load_arrays(directory / state.global_file)
     best_arrays = load_arrays(directory / state.best_file) if state.best_file else None
     return state, global_arrays, best_arrays
+
+
+def write_state(directory: Path, state: RunState) -> None:
+    """``state.json``, atomically; :func:`read_state` reads it back."""
+    state_bytes = json.dumps({"format": FORMAT, **asdict(state)}, indent=1).encode()
+    write_atomically(directory / STATE, state_bytes)
 
 
 def read_state(directory: Path) -> RunState | None:
