@@ -5,7 +5,7 @@
 # torch comes from requirements.txt, the same pin the test suite runs: PyPI's Linux torch wheel
 # carries its CUDA and cuDNN libraries, and `--gpus all` brings the driver, so the base needs
 # no CUDA of its own and the shipped and tested torch are the same version.
-FROM python:3.11-slim-bookworm
+FROM python:3.11-slim-bookworm AS runtime
 
 # VESSEL_SEG_CACHE: OpenVINO models converted at run time (e.g. for weights in /opt/ml/model);
 # an empty /tmp is fine, and an unwritable one only means converting in memory each run.
@@ -22,16 +22,32 @@ RUN pip install --no-cache-dir -r /tmp/requirements.txt \
     && python -c "import cc3d, openvino, safetensors, SimpleITK, torch, tqdm" \
     && rm /tmp/requirements.txt
 
+# int8 models of the folds, calibrated on phantoms by NNCF (python -m train.int8): this stage
+# holds the calibration code and nncf; only the models it writes reach the image.
+FROM runtime AS int8
+COPY requirements-int8.txt /tmp/requirements-int8.txt
+RUN pip install --no-cache-dir -r /tmp/requirements-int8.txt
+COPY model/ model/
+COPY inference/ inference/
+COPY phantoms/ phantoms/
+COPY metrics/ metrics/
+COPY train/ train/
+COPY weights/ weights/
+RUN python -m train.int8 weights --output /opt/int8 --if-present
+
+FROM runtime
 # A non-root user with a numeric id (challenge platforms run containers without root).
 RUN groupadd --gid 1001 segmenter \
     && useradd --create-home --shell /usr/sbin/nologin --uid 1001 --gid 1001 segmenter
 
-# The application (test/run_local_test.sh copies exactly these COPY lines when Docker is absent).
+# The application (test/run_local_test.sh copies exactly these COPY lines when Docker is absent;
+# the int8 models it makes as the int8 stage does).
 COPY model/ model/
 COPY inference/ inference/
 COPY postprocess/ postprocess/
 COPY weights/ weights/
 COPY process.py process.py
+COPY --from=int8 /opt/int8/ weights/openvino/
 
 # Convert the shipped folds to OpenVINO models now, so a CPU run starts without conversions.
 RUN python -m inference.openvino_backend weights --if-present \

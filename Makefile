@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 
 .PHONY: venv test lint demo train train-deployment gpu-train results pilot local-test sample bench-inference bench-federation bench-training bench-phantoms bench-metrics clean export push-shiny
 
-$(VENV)/.installed: requirements.txt requirements-train.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-int8.txt requirements-train.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet -r requirements-train.txt

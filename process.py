@@ -95,8 +95,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--precision",
         choices=("auto", "bf16", "f32", "int8"),
         default=os.environ.get("VESSEL_SEG_PRECISION", "auto"),
-        help="OpenVINO (CPU) arithmetic; int8 needs a VNNI/AMX CPU and prepared int8 models "
-        "(env VESSEL_SEG_PRECISION)",
+        help="OpenVINO (CPU) arithmetic; auto: int8 on CPUs with VNNI and no AMX when the image "
+        "holds int8 models, else bf16 where native, else f32; int8 needs VNNI/AMX and prepared "
+        "int8 models (env VESSEL_SEG_PRECISION)",
     )
     parser.add_argument(
         "--pipeline",

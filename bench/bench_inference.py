@@ -21,8 +21,11 @@ patch/8), threshold 0.5 and the same connected-component cleaning:
   folds at once (one ``AsyncInferQueue`` per fold), the best ``sw_batch_size`` of {1, 2, 4, 8}
   with ``--tune`` (timed on the first case);
 - ``project``: ``process.py``'s folder path (find the cases, then per case read, preprocess,
-  predict, clean, write, report) with the OpenVINO backend (CPU) or the torch backend (CUDA);
-- ``project_int8`` (``--int8``, CPU): the same with ``--precision int8``;
+  predict, clean, write, report) with the OpenVINO backend in the CPU's float precision (bf16
+  where native) or the torch backend (CUDA);
+- ``project_int8`` (``--int8``, CPU): the same with ``--precision int8``, after the image's
+  build-time step (untimed); ``auto``, the image's default, runs it on CPUs with VNNI and no
+  AMX (``int8_preferred`` in the JSON);
 - ``project_deterministic`` and ``project_deterministic_rerun`` (``--deterministic``, CUDA):
   the same with ``--deterministic`` (deterministic cuDNN algorithms, no autotuning), in two
   processes: its cost against ``project``, and whether the two runs' masks are bit-identical;
@@ -326,6 +329,15 @@ def sw_of(name: str, args) -> int:
 # --- the project ------------------------------------------------------------------------------
 
 
+def float_precision(device: str) -> str:
+    """The CPU's float arithmetic, what ``auto`` runs without int8 models (CUDA: ``auto``)."""
+    if device != "cpu":
+        return "auto"
+    from inference.openvino_backend import ov, precision_hint
+
+    return precision_hint(ov.Core())
+
+
 def project_predictor(weights: Path, args, precision: str = "auto", deterministic=False):
     from inference.predictor import Predictor, PredictorSettings
 
@@ -370,7 +382,7 @@ def run_project(name: str, sources: list[Path], out: Path, weights: Path, args) 
         from train import int8
 
         int8.main([str(weights), "--output", str(cache_dir())])
-    precision = "int8" if name == "project_int8" else "auto"
+    precision = "int8" if name == "project_int8" else float_precision(args.device)
     predictor = project_predictor(weights, args, precision, name in DETERMINISTIC)
     info = {"setup_s": time.perf_counter() - start, "precision": predictor.backend.precision}
     segment_file(predictor, sources[0], out.parent / "warm-up" / output_name(sources[0]))
@@ -564,6 +576,10 @@ def orchestrate(args, workdir: Path) -> int:
         "threads": args.threads,
         "weights": str(weights),
     }
+    if args.device == "cpu":
+        from inference.openvino_backend import int8_preferred
+
+        results["int8_preferred"] = int8_preferred()  # what auto runs once int8 is prepared
     env = {**os.environ, "VESSEL_SEG_CACHE": str(workdir / "cache")}
     for name in chosen_contenders(args):
         command = child_command(name, args, workdir, inputs, weights)

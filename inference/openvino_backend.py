@@ -13,12 +13,14 @@ it in ``OPTIMIZATION_CAPABILITIES`` (AVX-512 BF16, AMX) and f32 elsewhere, and t
 ``THROUGHPUT`` hint: several streams each run a window while a finished one is stitched, so
 the cores never wait for Python.
 
-int8 (``precision="int8"``, an option): each fold post-training quantised by NNCF, calibrated
-on phantom windows; its head, its attention gates and the layers NNCF's accuracy control finds
-costly stay in bf16/f32. The int8 IR is made at build time (``python -m train.int8 WEIGHTS``,
-which needs ``nncf`` and ``phantoms``: :func:`train.int8.quantize`) and read at run
-time by OpenVINO alone; it runs only where the CPU has int8 dot
-products (:func:`int8_supported`), else bf16/f32 with a warning.
+int8: each fold post-training quantised by NNCF, calibrated on phantom windows; its head, its
+attention gates and the layers NNCF's accuracy control finds costly stay in bf16/f32. The int8
+IR is made at build time (``python -m train.int8 WEIGHTS``, which needs ``nncf`` and
+``phantoms``: :func:`train.int8.quantize`; the Dockerfile's ``int8`` stage) and read at run time
+by OpenVINO alone. ``precision="auto"`` runs it where it is the faster arithmetic
+(:func:`int8_preferred`: VNNI without AMX) and the folds' int8 models are prepared;
+``precision="int8"`` wherever the CPU has int8 dot products (:func:`int8_supported`), else
+bf16/f32 with a warning.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from inference.thin_conv import with_blocked_spatial_convs
 IR_FORMAT = "vp2"  # bump when VesselProbability or the conversion changes
 INT8_FORMAT = "q1"  # bump when the calibration or the ignored layers change
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # int8 dot products in hardware
+AMX_CPU_FLAGS = ("amx_bf16", "amx_int8")  # tile units: bf16 as fast as int8 there
 PRECISIONS = ("auto", "bf16", "f32", "int8")
 CACHE_ENV = "VESSEL_SEG_CACHE"
 MAX_STREAMS = 4  # each stream holds a window's activations: bound the memory on many-core CPUs
@@ -86,6 +89,16 @@ def int8_supported(flags: set[str] | None = None) -> bool:
     return bool(set(INT8_CPU_FLAGS) & (cpu_flags() if flags is None else flags))
 
 
+def int8_preferred(flags: set[str] | None = None) -> bool:
+    """Whether int8 is this CPU's fastest arithmetic for the folds: VNNI units but no AMX.
+    Measured end to end with the shipped folds (``bench/bench_inference.py --int8``): 1.17x bf16
+    on an AVX-512 BF16 + VNNI CPU, 0.91x bf16 on an AMX CPU (its tiles run bf16 as fast, and
+    the layers kept in bf16 then cost conversions); CPUs with VNNI but no bf16 compare int8
+    with f32."""
+    flags = cpu_flags() if flags is None else flags
+    return int8_supported(flags) and not set(AMX_CPU_FLAGS) & flags
+
+
 def convert(net: nn.Module, patch: Sequence[int]) -> ov.Model:
     """The fold as an OpenVINO model of static shape ``(1, 1, *patch)`` -> ``(1, *patch)``, its
     spatial-attention convolutions in the CPU-friendly blocked form (same result)."""
@@ -118,11 +131,9 @@ def load_or_convert(
 ) -> ov.Model:
     """The fold's OpenVINO model from a prepared folder or the cache, else converted (and cached
     when the cache folder is writable)."""
-    name = ir_name(fold_hash, patch)
-    cache = cache_dir()
-    for folder in [*ir_dirs, *([cache] if cache else [])]:
-        if (Path(folder) / name).is_file():
-            return read_ir(core, Path(folder) / name, patch)
+    name, cache = ir_name(fold_hash, patch), cache_dir()
+    if path := find_ir(name, ir_dirs):
+        return read_ir(core, path, patch)
     # Always the model as read back from an IR file: the file stores fp16 constants, so a
     # freshly converted model would compute slightly differently from every later, cached run.
     model = convert(net, patch)
@@ -151,17 +162,26 @@ def fp16_constants(model: ov.Model) -> ov.Model:
     return model
 
 
+def find_ir(name: str, ir_dirs: Sequence[Path]) -> Path | None:
+    """The IR file ``name`` in a prepared folder, else in the cache; ``None`` if in neither."""
+    cache = cache_dir()
+    for folder in [*ir_dirs, *([cache] if cache else [])]:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
 def load_int8(core: ov.Core, fold_hash: str, patch: Sequence[int], ir_dirs: Sequence[Path]):
     """The fold's int8 model, prepared at build time (``python -m train.int8 WEIGHTS``: its
     calibration needs phantoms and nncf, which the image does not hold) into a weights'
     ``openvino`` folder or the cache; a one-line error naming the command otherwise."""
-    name, cache = int8_ir_name(fold_hash, patch), cache_dir()
-    for folder in [*ir_dirs, *([cache] if cache else [])]:
-        if (Path(folder) / name).is_file():
-            return read_ir(core, Path(folder) / name, patch)
-    raise BackendError(
-        f"--precision int8: no int8 model {name} prepared; run python -m train.int8 WEIGHTS"
-    )
+    name = int8_ir_name(fold_hash, patch)
+    path = find_ir(name, ir_dirs)
+    if path is None:
+        raise BackendError(
+            f"--precision int8: no int8 model {name} prepared; run python -m train.int8 WEIGHTS"
+        )
+    return read_ir(core, path, patch)
 
 
 def read_ir(core: ov.Core, path: Path, patch: Sequence[int]) -> ov.Model:
@@ -176,22 +196,27 @@ def precision_hint(core: ov.Core) -> str:
     return "bf16" if "BF16" in capabilities else "f32"
 
 
-def resolve_precision(core: ov.Core, precision: str | None) -> tuple[bool, str]:
-    """(int8 or not, the floating-point hint) for a requested precision: ``auto`` the CPU's
-    best float; ``int8`` only where :func:`int8_supported`, else that float with a warning."""
+def resolve_precision(
+    core: ov.Core, precision: str | None, int8_prepared: bool
+) -> tuple[bool, str]:
+    """(int8 or not, the floating-point hint) for a requested precision: ``auto`` int8 where
+    :func:`int8_preferred` and the folds' int8 models are prepared, else the CPU's best float;
+    ``int8`` only where :func:`int8_supported`, else that float with a warning."""
     precision = precision or "auto"
     if precision not in PRECISIONS:
         raise BackendError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if precision in ("bf16", "f32"):
         return False, precision
-    if precision == "int8" and not int8_supported():
+    if precision == "auto":
+        return int8_prepared and int8_preferred(), precision_hint(core)
+    if not int8_supported():
         warnings.warn(
             f"--precision int8: this CPU has none of {', '.join(INT8_CPU_FLAGS)}; "
             f"running {precision_hint(core)} instead",
             stacklevel=3,
         )
         return False, precision_hint(core)
-    return precision == "int8", precision_hint(core)
+    return True, precision_hint(core)
 
 
 class OpenVINOBackend:
@@ -206,12 +231,12 @@ class OpenVINOBackend:
         precision: str | None = None,
         threads: int | None = None,
     ):
-        """``precision``: one of :data:`PRECISIONS` (default ``auto``: bf16 where the CPU has
-        it, else f32); ``int8`` reads the folds' int8 models prepared at build time
-        (:func:`load_int8`)."""
+        """``precision``: one of :data:`PRECISIONS` (see :func:`resolve_precision`; default
+        ``auto``); int8 reads the folds' int8 models prepared at build time (:func:`load_int8`)."""
         self.core = ov.Core()
         threads = threads or inference_threads()
-        int8, hint = resolve_precision(self.core, precision)
+        prepared = all(find_ir(int8_ir_name(h, patch), ir_dirs) for h in fold_hashes)
+        int8, hint = resolve_precision(self.core, precision, prepared)
         self.precision = f"int8+{hint}" if int8 else hint
         self.config = {
             "INFERENCE_PRECISION_HINT": hint,  # int8 models: the layers left unquantised

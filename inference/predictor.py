@@ -55,7 +55,7 @@ class PredictorSettings:
     postprocess_overrides: dict = field(default_factory=dict)
     batch_size: int | None = None
     deterministic: bool = False  # CUDA: deterministic algorithms, no cuDNN autotuning
-    precision: str = "auto"  # OpenVINO: auto (bf16 where native, else f32), bf16, f32, int8
+    precision: str = "auto"  # OpenVINO: auto, bf16, f32, int8 (openvino_backend.resolve_precision)
 
 
 @dataclass

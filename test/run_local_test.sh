@@ -4,7 +4,7 @@
 # with the expected output (test/expected_output).
 #
 #   test/run_local_test.sh [--weights DIR] [--expected DIR] [--regenerate] [--emulate]
-#                          [--workdir DIR] [--venv DIR]
+#                          [--workdir DIR] [--venv DIR] [--no-int8]
 #
 # As the platforms run it (SHINY-ICARUS: 1 GB /dev/shm, no network, read-only /input; Grand
 # Challenge: 16 GiB of memory, an empty /tmp). With a Docker engine (`docker info` answers) it
@@ -13,7 +13,9 @@
 # /input read-only, and --gpus all where nvidia-smi works.
 # Without one (or with --emulate) it reproduces the image's steps: a fresh virtual environment
 # from requirements.txt, the files the Dockerfile COPYs in an app folder made read-only, the
-# OpenVINO preparation step of the build, a non-root user without capabilities or new
+# build's int8 stage (the same environment plus requirements-int8.txt, the stage's files,
+# python -m train.int8 writing into the app's weights/openvino) and its OpenVINO preparation
+# step, a non-root user without capabilities or new
 # privileges (setpriv; created with useradd when running as root), no network (unshare -n,
 # as root), a read-only input folder (chmod a-w) and a writable output folder passed as
 # --input/--output, an empty private TMPDIR, and 16 GiB of address space (ulimit -v: stricter
@@ -28,7 +30,9 @@
 # --expected DIR     expected masks (default: test/expected_output)
 # --regenerate       write the outputs to the expected folder instead of comparing
 # --venv DIR         reuse (or create) the emulation's virtual environment there; it must
-#                    have been built from the same requirements.txt
+#                    have been built from the same requirements.txt (the int8 stage's: DIR-int8)
+# --no-int8          emulation: skip the int8 stage (minutes for five folds on a small CPU);
+#                    the container then runs its float path
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +45,7 @@ REGENERATE=0
 EMULATE=0
 WORKDIR=""
 VENV=""
+INT8=1
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -50,7 +55,8 @@ while [[ $# -gt 0 ]]; do
         --emulate) EMULATE=1; shift ;;
         --workdir) WORKDIR="$2"; shift 2 ;;
         --venv) VENV="$2"; shift 2 ;;
-        -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+        --no-int8) INT8=0; shift ;;
+        -h|--help) sed -n '2,35p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -91,18 +97,47 @@ run_docker() {
     docker run "${options[@]}" "$IMAGE"
 }
 
-copy_app() {  # the Dockerfile's COPY lines (except requirements), relative to its WORKDIR
-    local app="$1" source target
-    while read -r _ source target; do
-        [[ "$source" == requirements.txt ]] && continue
-        mkdir -p "$(dirname "$app/$target")"
-        cp -r "$ROOT/$source" "$app/$target"
-    done < <(grep -E '^COPY ' "$ROOT/Dockerfile")
-    find "$app" -name __pycache__ -prune -exec rm -rf {} +
+stage_files() {  # SOURCE TARGET of a Dockerfile stage's COPY lines ("" the final stage)
+    awk -v want="$1" '/^FROM / { stage = ($(NF - 1) == "AS") ? $NF : "" }
+        /^COPY / && stage == want && $2 !~ /^--from/ && $3 !~ /^\// { print $2, $3 }' \
+        "$ROOT/Dockerfile"
+}
+
+copy_stage() {  # a stage's files, relative to its WORKDIR, into DEST; --weights replaces them
+    local stage="$1" dest="$2" source target
+    while read -r source target; do
+        mkdir -p "$(dirname "$dest/$target")"
+        cp -r "$ROOT/$source" "$dest/$target"
+    done < <(stage_files "$stage")
+    find "$dest" -name __pycache__ -prune -exec rm -rf {} +
     if [[ "$WEIGHTS" != "$ROOT/weights" ]]; then
-        rm -rf "$app/weights"
-        cp -r "$WEIGHTS" "$app/weights"
+        rm -rf "$dest/weights"
+        cp -r "$WEIGHTS" "$dest/weights"
     fi
+}
+
+purelib() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))'; }
+
+run_int8_stage() {  # FROM runtime AS int8: the runtime environment plus requirements-int8.txt
+    local runtime="$1" app="$2" stage="$1-int8" build="$WORKDIR/int8-build"
+    if ! cmp -s "$ROOT/requirements-int8.txt" "$stage/.installed" 2> /dev/null; then
+        echo "== int8 stage environment: $runtime plus requirements-int8.txt in $stage"
+        rm -rf "$stage"
+        "$(base_python)" -m venv "$stage"
+        purelib "$runtime" > "$(purelib "$stage")/runtime.pth"  # the layer below
+        if ! "$stage/bin/pip" install --quiet -r "$ROOT/requirements-int8.txt" \
+            > "$WORKDIR/pip-int8.log" 2>&1; then
+            cat "$WORKDIR/pip-int8.log" >&2
+            exit 2
+        fi
+        cp "$ROOT/requirements-int8.txt" "$stage/.installed"
+    fi
+    echo "== int8 stage: python -m train.int8 into the app's weights/openvino"
+    rm -rf "$build" && mkdir -p "$build"
+    copy_stage int8 "$build"
+    (cd "$build" && "$stage/bin/python" -m train.int8 weights --output "$app/weights/openvino" \
+        --if-present > /dev/null)
+    rm -rf "$build"
 }
 
 # Runs a command as the unprivileged user, without capabilities or new privileges (root only).
@@ -144,7 +179,8 @@ run_emulated() {
     chmod -R u+w "$app" 2> /dev/null || true
     rm -rf "$app"
     mkdir -p "$app"
-    copy_app "$app"
+    copy_stage "" "$app"
+    if [[ $INT8 -eq 1 ]]; then run_int8_stage "$venv" "$app"; fi
     (cd "$app" && "$venv/bin/python" -m inference.openvino_backend weights --if-present > /dev/null)
     chmod -R a+rX,a-w "$app"
     local tmp="$WORKDIR/tmp"  # empty, as Grand Challenge's /tmp; the cache path as the image's

@@ -2,6 +2,7 @@
 
 import ast
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 import SimpleITK as sitk
 from helpers import write_weights
 
+from inference import openvino_backend
 from inference.io import write_image_atomically
 from inference.predictor import Predictor, PredictorSettings
 from inference.preprocessing import Geometry, read_image
@@ -28,23 +30,41 @@ def test_dockerfile_is_clean_under_hadolint():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def stages() -> dict[str, list[str]]:
+    """The Dockerfile's lines per stage ("" the final one, the image)."""
+    found, name = {}, None
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("FROM "):
+            words = line.split()
+            name = words[-1] if words[-2] == "AS" else ""
+        if name is not None:
+            found.setdefault(name, []).append(line)
+    return found
+
+
+def copied(lines: list[str]) -> list[str]:
+    """The build-context sources of a stage's COPY lines."""
+    return [line.split()[1] for line in lines if line.startswith("COPY ") and "--from" not in line]
+
+
 def test_dockerfile_copies_what_the_container_needs_and_runs_unprivileged():
-    lines = (ROOT / "Dockerfile").read_text().splitlines()
-    copied = {line.split()[1] for line in lines if line.startswith("COPY ")}
-    assert {"process.py", "model/", "inference/", "postprocess/", "weights/"} <= copied
-    assert any(line.startswith("USER ") and "root" not in line for line in lines)
-    assert lines[-1] == 'ENTRYPOINT ["python", "process.py"]'
+    image = stages()[""]
+    assert {"process.py", "model/", "inference/", "postprocess/", "weights/"} <= set(copied(image))
+    assert "COPY --from=int8 /opt/int8/ weights/openvino/" in image  # the int8 stage's models
+    assert any(line.startswith("USER ") and "root" not in line for line in image)
+    assert image[-1] == 'ENTRYPOINT ["python", "process.py"]'
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert "*" in ignored and all(f"!{path}" in ignored for path in copied)
+    sources = {path for lines in stages().values() for path in copied(lines)}
+    assert "*" in ignored and all(f"!{path}" in ignored for path in sources)
 
 
 def test_the_image_holds_no_test_or_demo_code():
-    """Every module the Dockerfile copies imports only the image's own packages and its
-    requirements: no test helper, demo, metrics, phantoms or training code ships."""
-    lines = (ROOT / "Dockerfile").read_text().splitlines()
-    copied = [ROOT / line.split()[1] for line in lines if line.startswith("COPY ")]
+    """Every module the image's stage copies imports only the image's own packages and its
+    requirements: no test helper, demo, metrics, phantoms or training code ships (the int8
+    stage holds the calibration code; only its models reach the image)."""
+    copies = [ROOT / path for path in copied(stages()[""])]
     files = [
-        f for c in copied for f in ([c] if c.is_file() else c.rglob("*.py")) if f.suffix == ".py"
+        f for c in copies for f in ([c] if c.is_file() else c.rglob("*.py")) if f.suffix == ".py"
     ]
     assert len(files) > 10
     shipped = {"model", "inference", "postprocess", "process"}
@@ -90,46 +110,47 @@ def run_script(*arguments: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(not SAMPLE.is_file(), reason="the bundled sample is not there")
-def test_local_test_script_matches_the_in_process_predictor(workspace):
+def test_local_test_script_builds_the_int8_stage_and_matches_the_in_process_predictor(workspace):
     weights = workspace / "weights"
     write_weights(
         weights,
-        folds=2,
+        folds=1,
         base_channels=4,
         patch=(32, 32, 32),
         target_spacing=(0.454, 0.454, 0.454),
         seed=9,
     )
     expected = workspace / "expected"
-    expected.mkdir()
-    predictor = Predictor(weights, PredictorSettings(device="cpu", backend="openvino"))
-    array, geometry = read_image(SAMPLE)
-    mask = predictor.segment(array, geometry).mask
-    assert 0 < mask.sum() < mask.size // 4
-    write_image_atomically(geometry.image_from(mask), expected / "sample.nii.gz")
-
-    arguments = [
+    run = [
         "--weights",
         str(weights),
         "--expected",
         str(expected),
         "--workdir",
         str(workspace / "run"),
-        "--venv",
-        str(shared_venv()),
     ]
-    done = run_script(*arguments)
+    done = run_script(*run, "--venv", str(shared_venv()), "--regenerate")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "local test passed: 1 mask(s)" in done.stdout
-    output = workspace / "run" / "output" / "sample.nii.gz"
-    assert sitk.ReadImage(str(output)).GetPixelID() == sitk.sitkUInt8
-    prepared = list((workspace / "run" / "app" / "weights" / "openvino").glob("*.xml"))
-    assert len(prepared) == 2  # the build's conversion step ran
+    prepared = workspace / "run" / "app" / "weights" / "openvino"
+    models = sorted(path.name for path in prepared.glob("*.xml"))
+    assert len(models) == 2 and sum("-int8" in name for name in models) == 1  # float and int8
 
-    # the same run against a wrong expectation fails (the environment is reused)
+    # in process, with the models the build prepared: the same precision, the same mask
+    predictor = Predictor(prepared.parent, PredictorSettings(device="cpu", backend="openvino"))
+    array, geometry = read_image(SAMPLE)
+    mask = predictor.segment(array, geometry).mask
+    assert 0 < mask.sum() < mask.size // 4
+    produced = sitk.ReadImage(str(expected / "sample.nii.gz"))
+    assert produced.GetPixelID() == sitk.sitkUInt8
+    assert np.array_equal(sitk.GetArrayFromImage(produced), mask)
+    report = json.loads((workspace / "run" / "output" / "results.json").read_text())
+    assert report["precision"] == predictor.backend.precision
+    assert report["precision"].startswith("int8") == openvino_backend.int8_preferred()
+
+    # a wrong expectation fails (the environment is reused; the float path suffices here)
     shifted = np.roll(mask, 3, axis=2)
     write_image_atomically(Geometry.image_from(geometry, shifted), expected / "sample.nii.gz")
-    done = run_script(*arguments)
+    done = run_script(*run, "--venv", str(shared_venv()), "--no-int8")
     assert done.returncode == 1
     assert "FAIL sample.nii.gz: Dice" in done.stderr
 
@@ -137,7 +158,9 @@ def test_local_test_script_matches_the_in_process_predictor(workspace):
 def test_local_test_script_passes_with_the_shipped_weights(workspace):
     """What a challenge participant runs before submitting: the shipped folds, the committed
     expected output."""
-    done = run_script("--workdir", str(workspace / "shipped"), "--venv", str(shared_venv()))
+    done = run_script(
+        "--workdir", str(workspace / "shipped"), "--venv", str(shared_venv()), "--no-int8"
+    )  # the int8 stage's five folds take minutes here; the test above runs the stage
     assert done.returncode == 0, done.stdout + done.stderr
     assert "local test passed: 1 mask(s)" in done.stdout
     prepared = list((workspace / "shipped" / "app" / "weights" / "openvino").glob("*.xml"))

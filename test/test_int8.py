@@ -60,7 +60,7 @@ def test_int8_masks_stay_close_to_bf16(weights):
     int8 = pytest.importorskip("train.int8")
     int8.prepare_int8(weights, None, tube_windows())  # no accuracy control
     quantising, quantised = segment(weights, "int8")
-    _, reference = segment(weights, "auto")
+    _, reference = segment(weights, openvino_backend.precision_hint(openvino_backend.ov.Core()))
     assert quantising.backend.precision.startswith("int8+")
     assert 0.005 < reference.mask.mean() < 0.5  # a real mask, not an empty or full one
     # Random features have no margin: int8 moves more of these voxels across 0.5 (Dice 0.7-0.86
@@ -98,6 +98,30 @@ def test_int8_support_is_read_from_the_cpu_flags():
     assert openvino_backend.int8_supported({"amx_int8", "avx2"})
     assert openvino_backend.int8_supported({"avx_vnni"})
     assert not openvino_backend.int8_supported({"avx2", "avx512f", "avx512_bf16"})
+
+
+def test_int8_is_preferred_with_vnni_and_without_amx():
+    assert openvino_backend.int8_preferred({"avx512f", "avx512_bf16", "avx512_vnni"})
+    assert openvino_backend.int8_preferred({"avx2", "avx_vnni"})
+    assert not openvino_backend.int8_preferred(
+        {"avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"}
+    )
+    assert not openvino_backend.int8_preferred({"avx2", "fma"})
+
+
+def test_auto_runs_int8_where_preferred_once_the_models_are_prepared(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    write_weights(weights, folds=1, base_channels=4, patch=PATCH, seed=6)
+    preferring, not_preferring = {"avx512_vnni"}, {"avx512_vnni", "amx_bf16", "amx_int8"}
+    monkeypatch.setattr(openvino_backend, "cpu_flags", lambda: preferring)
+    unprepared, _ = segment(weights, "auto")
+    assert not unprepared.backend.precision.startswith("int8")  # nothing prepared: float
+    pytest.importorskip("train.int8").prepare_int8(weights, None, tube_windows(8))
+    prepared, _ = segment(weights, "auto")
+    assert prepared.backend.precision.startswith("int8+")
+    monkeypatch.setattr(openvino_backend, "cpu_flags", lambda: not_preferring)
+    amx, _ = segment(weights, "auto")
+    assert amx.backend.precision == openvino_backend.precision_hint(openvino_backend.ov.Core())
 
 
 def test_unknown_precision_is_one_line(weights):

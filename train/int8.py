@@ -4,8 +4,9 @@ NNCF's post-training quantisation (:func:`quantize`) needs calibration windows: 
 (``phantoms.generate_case``, seeds apart from every evaluation set) preprocessed as a case is,
 half centred on vessels (the rare bright voxels that set the activation ranges), half anywhere,
 and other phantoms' windows for the accuracy control. The image holds neither ``phantoms`` nor
-``nncf``: it reads the int8 IR this writes into ``WEIGHTS/openvino`` (or ``--output``), with
-``--precision int8``.
+``nncf``: the Dockerfile's ``int8`` stage runs this and copies only the int8 IR it writes
+(``WEIGHTS/openvino`` or ``--output``) into the image, where ``--precision auto`` runs it on
+CPUs for which int8 is the faster arithmetic and ``--precision int8`` on any with VNNI/AMX.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import openvino as ov
 import SimpleITK as sitk
 
+from inference.backend_base import IR_FOLDER
 from inference.openvino_backend import int8_ir_name, prepare, read_ir, save_ir
 from inference.preprocessing import Geometry, preprocess
 from model.weights import load_manifest
@@ -146,7 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.int8", description=__doc__)
     parser.add_argument("weights", type=Path, help="weights folder with manifest.json")
     parser.add_argument("--output", type=Path, help="where the IR goes (default WEIGHTS/openvino)")
+    parser.add_argument(
+        "--if-present", action="store_true", help="do nothing when the folder has no manifest"
+    )
     args = parser.parse_args(argv)
+    if args.if_present and not (args.weights / "manifest.json").is_file():
+        (args.output or args.weights / IR_FOLDER).mkdir(parents=True, exist_ok=True)
+        print(f"{args.weights}: no manifest.json, nothing to quantise")
+        return 0
     manifest = load_manifest(args.weights)
     windows, checks = calibration_windows(manifest), check_windows(manifest)
     for path in prepare_int8(args.weights, args.output, windows, checks):
