@@ -333,6 +333,8 @@ def prepare(weights: Path, output: Path | None = None) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from model.weights import MANIFEST
+
     parser = argparse.ArgumentParser(description=prepare.__doc__)
     parser.add_argument("weights", type=Path, help="weights folder with manifest.json")
     parser.add_argument("--output", type=Path, help="where the IR goes (default WEIGHTS/openvino)")
@@ -340,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--if-present", action="store_true", help="do nothing when the folder has no manifest"
     )
     args = parser.parse_args(argv)
-    if args.if_present and not (args.weights / "manifest.json").is_file():
+    if args.if_present and not (args.weights / MANIFEST).is_file():
         print(f"{args.weights}: no manifest.json, nothing to prepare")
         return 0
     for path in prepare(args.weights, args.output):

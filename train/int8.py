@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from inference.backend_base import IR_FOLDER
 from inference.openvino_backend import int8_ir_name, prepare, read_ir, save_ir
 from inference.preprocessing import Geometry, preprocess
-from model.weights import load_manifest
+from model.weights import MANIFEST, load_manifest
 from phantoms import generate_case
 
 CALIBRATION_SEED = 90_000  # phantoms never used for evaluation (those start at 0)
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--if-present", action="store_true", help="do nothing when the folder has no manifest"
     )
     args = parser.parse_args(argv)
-    if args.if_present and not (args.weights / "manifest.json").is_file():
+    if args.if_present and not (args.weights / MANIFEST).is_file():
         (args.output or args.weights / IR_FOLDER).mkdir(parents=True, exist_ok=True)
         print(f"{args.weights}: no manifest.json, nothing to quantise")
         return 0
