@@ -71,7 +71,7 @@ CONTENDERS = (
 CPU_ONLY = ("monai_openvino", "project_int8")
 DETERMINISTIC = ("project_deterministic", "project_deterministic_rerun")
 CUDA_ONLY = ("monai_torch_tuned", *DETERMINISTIC)
-TUNE_SW = {"cpu": (1, 2, 4, 8), "cuda": (4, 8, 16, 32)}
+TUNE_SW = {"cpu": (1, 2, 4, 8), "cuda": (16, 32, 64, 128)}
 DEFAULT_SW = {"monai_torch": 4, "monai_openvino": 8, "monai_torch_tuned": 16}
 SUFFIX = "_0000.nii.gz"
 

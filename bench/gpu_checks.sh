@@ -1,44 +1,55 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, as one run on a GPU machine that has Python and torch:
-#   0. the packages: the machine's own where present, else the carried wheels ($WHEELS, default
-#      shared/wheels), else PyPI when reachable (the pins of requirements*.txt);
-#   1. test/test_cuda.py;
-#   2. bench_inference.py --device cuda on one $SHAPE phantom (400x512x512, a clinical 3DRA
-#      volume), $FOLDS folds (5), overlap 0.5, --tune: baseline A (MONAI, eager fp32, the
-#      reference row), A' (MONAI warmed up, cuDNN autotuned, bf16 autocast (fp16 on pre-Ampere
-#      GPUs), channels-last, the best sw_batch_size of 4/8/16/32), the project's CUDA
-#      pipeline, the same with --deterministic in two processes (its cost, bit-identical masks),
-#      and its network passes alone; seconds, ratios, mask Dice, peak GPU memory;
-#   2b. bench_graphs.py: torch.compile and CUDA graphs against eager on the fixed batch shape;
-#   3. (not with --quick) a folder of $CASES (4) such phantoms end to end: A' at its best
-#      sw_batch_size from step 2, the project through process.py's folder path, and the
-#      network alone, so that the end-to-end / network ratio shows any CPU work the GPU waits on;
-#   4. the summary: the targets (project >= 2x A', end to end <= 1.15x the network alone,
-#      peak GPU memory <= 12 GB) and a T4 estimate from the measured FLOP rate.
+# The checks that need a CUDA GPU, on a GPU machine that has Python and torch, in parts that each
+# fit a 10-minute call on an H200 (measured 2026-11-30: one 400x512x512 case takes A 39 s,
+# A' 18 s at its best sw_batch_size, the project 18 s; each contender also segments it once
+# untimed, and A' once more per sw_batch_size tried):
+#   --part targets   (about 6 min) 0. the packages: the machine's own where present, else the
+#      carried wheels ($WHEELS, default shared/wheels), else PyPI when reachable (the pins of
+#      requirements*.txt); 1. test/test_cuda.py; 2. bench_inference.py --device cuda on one
+#      $SHAPE phantom (400x512x512, a clinical 3DRA volume), $FOLDS folds (5), overlap 0.5,
+#      --tune: baseline A (MONAI, eager fp32, the reference row), A' (MONAI warmed up, cuDNN
+#      autotuned, bf16 autocast (fp16 on pre-Ampere GPUs), channels-last, the best
+#      sw_batch_size of 16/32/64/128), the project's CUDA pipeline and its network passes alone;
+#      seconds, ratios, mask Dice, peak GPU memory; then the summary (4.);
+#   --part folder    (about 5 min) 0.; 3. a folder of $CASES (4) such phantoms end to end: A' at
+#      $SW (part targets prints its best; default 32), the project through process.py's folder
+#      path, and the network alone, so that the end-to-end / network ratio shows any CPU work
+#      the GPU waits on; then the summary (4.);
+#   --part extras    (about 4 min) 0.; the project with --deterministic in two processes (its
+#      cost, bit-identical masks), and 5. bench_graphs.py: torch.compile and CUDA graphs against
+#      eager on the fixed batch shape ($GRAPHS names the contenders);
+#   --part all (the default) runs the three in one go, for a machine without a call limit.
+# The summary (4.) checks the targets (project >= 2x A', end to end <= 1.15x the network alone,
+# peak GPU memory <= 12 GB) and estimates a T4's time from the measured FLOP rate.
 # Every contender is set up and warmed up (one untimed pass over the first case) before its
 # timed run. Uses the shipped weights when weights/ holds $FOLDS of them, else fitted random
 # folds of the same architecture (timings do not depend on the weights' values). Results go to
 # $OUT (else build/gpu): gpu.log (everything printed) and one JSON file per benchmark.
-#   bash bench/gpu_checks.sh                    # about 15-20 min on an H200
-#   bash bench/gpu_checks.sh --quick            # steps 0-2 and 4
+#   bash bench/gpu_checks.sh --part targets
+#   SW=32 bash bench/gpu_checks.sh --part folder
 # CPU dry run of the plumbing (no A'; B instead):
 #   DEVICE=cpu SHAPE="64 64 64" CASES=2 FOLDS=1 bash bench/gpu_checks.sh
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-build/gpu}
 python=${PYTHON:-python3}
 device=${DEVICE:-cuda}
 shape=${SHAPE:-400 512 512}
 cases=${CASES:-4}
 folds=${FOLDS:-5}
-quick=0
+part=all
 while (($#)); do
     case $1 in
         --folds) folds=$2; shift 2 ;;
-        --quick) quick=1; shift ;;
+        --part) part=$2; shift 2 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
+case $part in
+    all | targets | folder | extras) ;;
+    *) echo "gpu_checks.sh: --part is all, targets, folder or extras, not $part" >&2; exit 2 ;;
+esac
+runs() { [[ $part == all || $part == "$1" ]]; }
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=${WORK:-$(mktemp -d)}
@@ -48,7 +59,7 @@ name=$(echo "$shape" | tr ' ' x)
 
 # 0. Packages: the machine's own where present, else the carried wheels, else PyPI.
 needed="torch numpy scipy SimpleITK safetensors cc3d tqdm monai skimage PIL pytest"
-if ! "$python" -c "import $(echo $needed | tr ' ' ',')" 2>/dev/null; then
+if ! "$python" -c "import ${needed// /,}" 2>/dev/null; then
     wheels=${WHEELS:-shared/wheels}
     if compgen -G "$wheels/*.whl" >/dev/null; then
         "$python" -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl || exit 2
@@ -67,42 +78,37 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
     torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
 bench() { "$python" bench/bench_inference.py --device "$device" --folds "$folds" "$@"; }
 
-# 1. The CUDA tests.
-"$python" -m pytest -q -p no:cacheprovider test/test_cuda.py
-
-# 2. One volume: A, A' tuned, the project, the network alone.
-# shellcheck disable=SC2086  # $shape is three numbers
-bench --shape $shape --cases 1 --tune --deterministic --workdir "$work/one" \
-    | tee "$out/bench_$name.json" || exit 3
-best=$("$python" -c 'import json, sys
+# 1. The CUDA tests. 2. One volume: A, A' tuned, the project, the network alone.
+reports=()
+weights_option=()
+if runs targets; then
+    "$python" -m pytest -q -p no:cacheprovider test/test_cuda.py
+    # shellcheck disable=SC2086  # $shape is three numbers
+    bench --shape $shape --cases 1 --tune --only monai_torch monai_torch_tuned monai_openvino \
+        project network_only --workdir "$work/one" | tee "$out/bench_$name.json" || exit 3
+    reports+=("$out/bench_$name.json")
+    SW=${SW:-$("$python" -c 'import json, sys
 rows = json.load(sys.stdin)
-print(rows.get("monai_torch_tuned", rows.get("monai_openvino", {})).get("sw_batch_size", 16))' \
-    <"$out/bench_$name.json")
-weights=$("$python" -c 'import json, sys; print(json.load(sys.stdin)["weights"])' <"$out/bench_$name.json")
-
-# 2b. Graph capture (torch.compile, CUDA graphs) against eager cuDNN on the fixed batch shape;
-# one fold (the time per batch is the same for each). max-autotune only with GRAPHS_ALL=1: it
-# autotunes for minutes.
-graphs="eager cudagraphs inductor inductor-cudagraphs"
-[[ ${GRAPHS_ALL:-0} == 1 ]] && graphs="$graphs inductor-max-autotune"
-# shellcheck disable=SC2086  # one contender per word
-"$python" bench/bench_graphs.py --device "$device" --folds 1 --weights "$weights" \
-    --only $graphs | tee "$out/graphs.json" || echo "bench_graphs.py failed: see gpu.log"
+print(rows.get("monai_torch_tuned", rows.get("monai_openvino", {})).get("sw_batch_size", 32))' \
+        <"$out/bench_$name.json")}
+    weights_option=(--weights "$("$python" -c 'import json, sys
+print(json.load(sys.stdin)["weights"])' <"$out/bench_$name.json")")
+    echo "A' best sw_batch_size: $SW (SW=$SW for --part folder)"
+fi
 
 # 3. A folder of cases end to end.
-reports=("$out/bench_$name.json")
-if ((!quick)); then
+if runs folder; then
     tuned=monai_torch_tuned
     [[ $device == cpu ]] && tuned=monai_openvino
     # shellcheck disable=SC2086
-    bench --shape $shape --cases "$cases" --weights "$weights" --sw-batch-size "$best" \
+    bench --shape $shape --cases "$cases" "${weights_option[@]}" --sw-batch-size "${SW:-32}" \
         --only "$tuned" project network_only --workdir "$work/folder" \
         | tee "$out/bench_${name}_cases$cases.json" || exit 3
     reports+=("$out/bench_${name}_cases$cases.json")
 fi
 
 # 4. The summary against the targets, and a T4 estimate.
-"$python" - "${reports[@]}" <<'EOF' | tee "$out/summary.json"
+((${#reports[@]})) && "$python" - "${reports[@]}" <<'EOF' | tee "$out/summary.json"
 import json, math, sys
 
 from inference.sliding_window import WindowPlan
@@ -138,3 +144,17 @@ for path in sys.argv[1:]:
     summary[path.rsplit("/", 1)[-1]] = entry
 print(json.dumps(summary, indent=1))
 EOF
+
+# The deterministic mode's cost and bit-identical masks (two processes); then 5. graph capture
+# (torch.compile, CUDA graphs) against eager cuDNN on the fixed batch shape, one fold (the time per
+# batch is the same for each). max-autotune only with GRAPHS_ALL=1: it autotunes for minutes.
+runs extras || exit 0
+# shellcheck disable=SC2086
+bench --shape $shape --cases 1 --deterministic --only project project_deterministic \
+    project_deterministic_rerun --workdir "$work/deterministic" \
+    | tee "$out/bench_${name}_deterministic.json" || echo "the deterministic runs failed: see gpu.log"
+graphs=${GRAPHS:-eager cudagraphs inductor inductor-cudagraphs}
+[[ ${GRAPHS_ALL:-0} == 1 ]] && graphs="$graphs inductor-max-autotune"
+# shellcheck disable=SC2086  # one contender per word
+"$python" bench/bench_graphs.py --device "$device" --folds 1 "${weights_option[@]}" \
+    --only $graphs | tee "$out/graphs.json" || echo "bench_graphs.py failed: see gpu.log"
