@@ -4,13 +4,12 @@
 # A' 18 s at its best sw_batch_size, the project 18 s; each contender also segments it once
 # untimed, and A' once more per sw_batch_size tried):
 #   --part targets   (about 6 min) 0. the packages: the machine's own where present, else the
-#      carried wheels ($WHEELS, default shared/wheels), else PyPI when reachable (the pins of
-#      requirements*.txt); 1. test/test_cuda.py; 2. bench_inference.py --device cuda on one
-#      $SHAPE phantom (400x512x512, a clinical 3DRA volume), $FOLDS folds (5), overlap 0.5,
-#      --tune: baseline A (MONAI, eager fp32, the reference row), A' (MONAI warmed up, cuDNN
-#      autotuned, bf16 autocast (fp16 on pre-Ampere GPUs), channels-last, the best
-#      sw_batch_size of 16/32/64/128), the project's CUDA pipeline and its network passes alone;
-#      seconds, ratios, mask Dice, peak GPU memory; then the summary (4.);
+#      carried wheels (bench/gpu_packages.sh); 1. test/test_cuda.py; 2. bench_inference.py
+#      --device cuda on one $SHAPE phantom (400x512x512, a clinical 3DRA volume), $FOLDS folds
+#      (5), overlap 0.5, --tune: baseline A (MONAI, eager fp32, the reference row), A' (MONAI
+#      warmed up, cuDNN autotuned, bf16 autocast (fp16 on pre-Ampere GPUs), channels-last, the
+#      best sw_batch_size of 16/32/64/128), the project's CUDA pipeline and its network passes
+#      alone; seconds, ratios, mask Dice, peak GPU memory; then the summary (4.);
 #   --part folder    (about 5 min) 0.; 3. a folder of $CASES (4) such phantoms end to end: A' at
 #      $SW (part targets prints its best; default 32), the project through process.py's folder
 #      path, and the network alone, so that the end-to-end / network ratio shows any CPU work
@@ -57,22 +56,10 @@ exec > >(tee -a "$out/gpu.log") 2>&1
 export PYTHONUNBUFFERED=1
 name=$(echo "$shape" | tr ' ' x)
 
-# 0. Packages: the machine's own where present, else the carried wheels, else PyPI.
-needed="torch numpy scipy SimpleITK safetensors cc3d tqdm monai skimage PIL pytest"
-if ! "$python" -c "import ${needed// /,}" 2>/dev/null; then
-    wheels=${WHEELS:-shared/wheels}
-    if compgen -G "$wheels/*.whl" >/dev/null; then
-        "$python" -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl || exit 2
-    else
-        pins=$(grep -hE '^(numpy|scipy|SimpleITK|safetensors|connected-components-3d|tqdm|monai|scikit-image|pytest)==' \
-            requirements.txt requirements-train.txt)
-        # shellcheck disable=SC2086  # one argument per pin
-        "$python" -m pip install --quiet $pins pillow || {
-            echo "gpu_checks.sh: missing packages ($needed), no wheels in $wheels, no PyPI" >&2
-            exit 2
-        }
-    fi
-fi
+# 0. Packages: the machine's own where present, else the carried wheels.
+# shellcheck source=bench/gpu_packages.sh
+source bench/gpu_packages.sh
+packages torch numpy scipy SimpleITK safetensors cc3d tqdm monai skimage PIL pytest || exit 2
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$python" -c 'import torch; print("torch", torch.__version__, "CUDA:",
     torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'
@@ -152,7 +139,7 @@ runs extras || exit 0
 # shellcheck disable=SC2086
 bench --shape $shape --cases 1 --deterministic --only project project_deterministic \
     project_deterministic_rerun --workdir "$work/deterministic" \
-    | tee "$out/bench_${name}_deterministic.json" || echo "the deterministic runs failed: see gpu.log"
+    | tee "$out/bench_${name}_deterministic.json" || echo "deterministic runs failed: see gpu.log"
 graphs=${GRAPHS:-eager cudagraphs inductor inductor-cudagraphs}
 [[ ${GRAPHS_ALL:-0} == 1 ]] && graphs="$graphs inductor-max-autotune"
 # shellcheck disable=SC2086  # one contender per word

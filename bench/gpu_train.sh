@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A paper-scale fold on a GPU machine, through Flower's deployment engine (no Ray), as one run:
-#   1. the packages: installed from carried wheels ($WHEELS, default shared/wheels) only where
-#      the machine's Python lacks one of them (torch with CUDA is expected to be there);
+#   1. the packages: the machine's own where present (torch with CUDA is expected there), else
+#      the carried wheels (bench/gpu_packages.sh; `bash bench/gpu_wheels.sh` makes them);
 #   2. a phantom federation generated here (python -m phantoms: $SITES sites, $CASES cases of
 #      $SIZE^3 each), not carried;
 #   3. python -m train --engine deployment: a SuperLink and one SuperNode per site on
@@ -21,7 +21,7 @@
 #   SITES=3 SITE_GPUS=0 MAX_SECONDS=900 bash bench/gpu_train.sh   # three sites share GPU 0
 # CPU smoke test (what the test suite runs): PATCH=32 SIZE=32 CASES=3 BASE_CHANNELS=4 ...
 set -u -o pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-build/gpu-train}
 python=${PYTHON:-python3}
 sites=${SITES:-2}
@@ -46,15 +46,9 @@ export VESSEL_SEG_TRAIN_CACHE=${VESSEL_SEG_TRAIN_CACHE:-$work/cache}
 echo "gpu_train.sh: work folder $work, results in $out"
 
 # 1. Packages: the machine's own where present, else the carried wheels.
-needed="torch numpy scipy SimpleITK safetensors flwr skimage cc3d tqdm"
-if ! "$python" -c "import $(echo $needed | tr ' ' ',')" 2>/dev/null; then
-    wheels=${WHEELS:-shared/wheels}
-    if ! compgen -G "$wheels/*.whl" >/dev/null; then
-        echo "gpu_train.sh: missing packages ($needed) and no wheels in $wheels" >&2
-        exit 2
-    fi
-    "$python" -m pip install --quiet --no-index --find-links "$wheels" "$wheels"/*.whl || exit 2
-fi
+# shellcheck source=bench/gpu_packages.sh
+source bench/gpu_packages.sh
+packages torch numpy scipy SimpleITK safetensors flwr skimage cc3d tqdm || exit 2
 "$python" -c 'import importlib.util as u; print("ray installed:", u.find_spec("ray") is not None)'
 "$python" -c 'import torch; print("torch", torch.__version__, "CUDA:",
     torch.cuda.get_device_name() if torch.cuda.is_available() else "none")'

@@ -8,6 +8,7 @@
     python -m study pilot                   # the pilots: data family and learning rate
     python -m study all                     # data, every run, postprocess, evaluate (days)
     python -m study ship fold0 --to weights # copy the folds and their cleaning to a folder
+    python -m study --engine deployment --site-gpus 0 train fold1   # no Ray; the sites on GPU 0
 
 Everything lives under ``--root`` (default ``$VESSEL_SEG_STUDY_DIR``, else the repository's
 ``work/study``), whatever the current directory.
@@ -39,6 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--root", type=Path, help="the study folder (data, runs, results)")
+    parser.add_argument(
+        "--engine",
+        choices=("simulation", "deployment"),
+        help="python -m train's Flower engine (default: simulation, Ray); deployment: a "
+        "SuperLink and a SuperNode per site as processes",
+    )
+    parser.add_argument("--site-gpus", metavar="IDS", help="deployment: the sites' GPUs ('0')")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data")
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
@@ -54,22 +62,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def engine_options(args: argparse.Namespace) -> tuple[str, ...]:
+    """The options that choose ``python -m train``'s engine, as given."""
+    engine = ("--engine", args.engine) if args.engine else ()
+    return engine + (("--site-gpus", args.site_gpus) if args.site_gpus else ())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = StudyPaths.at(args.root)
     if args.command in ("data", "pilot", "all"):
         make_data(paths)
     if args.command == "train":
-        train(paths, args.run)
+        train(paths, args.run, engine_options(args))
     if args.command == "pilot":
         for run in PILOTS:
-            train(paths, run)
+            train(paths, run, engine_options(args))
         print(tables.evaluate_pilot(paths))
         print(tables.learning_rates(paths))
     if args.command == "all":
         for run in RUNS:
             if run not in PILOTS:
-                train(paths, run)
+                train(paths, run, engine_options(args))
     if args.command == "park":
         for run in args.runs or unfinished(paths):
             print(" ".join(str(path) for path in park(paths, run)))

@@ -98,15 +98,16 @@ def run_config(run: Run) -> str:
     )
 
 
-def train(paths: StudyPaths, name: str) -> None:
+def train(paths: StudyPaths, name: str, engine: tuple[str, ...] = ()) -> None:
     """Train run ``name``, resuming from its last checkpoint if it was interrupted; a run
-    whose fold its weights folder already holds is done (a fresh clone keeps only that)."""
+    whose fold its weights folder already holds is done (a fresh clone keeps only that).
+    ``engine``: ``python -m train``'s engine options (default: the simulation engine)."""
     run, weights = RUNS[name], paths.weights(folder_of(name))
     if run.fold in exported_folds(weights):
         print(f"python -m study: {name} is trained (fold {run.fold} in {weights})")
         return
     try:
-        _train(paths.data / run.data, run, weights.parent)
+        _train(paths.data / run.data, run, weights.parent, engine)
     except subprocess.CalledProcessError as error:
         if error.returncode != PAUSED_EXIT:
             raise
@@ -141,10 +142,11 @@ def park(paths: StudyPaths, name: str) -> list[Path]:
     return compact(checkpoint_folder(paths, name))
 
 
-def _train(data: Path, run: Run, work: Path) -> None:
+def _train(data: Path, run: Run, work: Path, engine: tuple[str, ...] = ()) -> None:
     python(
         "-m",
         "train",
+        *engine,
         "--data",
         str(data),
         "--fold",

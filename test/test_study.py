@@ -11,6 +11,7 @@ from model.weights import load_manifest
 from postprocess import CleaningSettings
 from study import data as study_data
 from study import postprocessing, tables
+from study import runs as study_runs
 from study.__main__ import main
 from study.paths import StudyPaths
 from study.runs import FOLDS
@@ -205,3 +206,16 @@ def test_data_of_an_older_generator_version_stops_the_study(tmp_path):
     (site / "dataset.json").write_text(json.dumps({"phantom": {"family": "randomised"}}))
     with pytest.raises(SystemExit, match="randomised phantoms of version 1, .* version 2"):
         study_data.make_data(paths)
+
+
+def test_the_study_hands_its_engine_options_to_python_m_train(tmp_path, monkeypatch):
+    # bench/gpu_study.sh trains every fold at once through the deployment engine (no Ray).
+    calls = []
+    monkeypatch.setattr(study_runs, "python", lambda *args: calls.append(args))
+    root = ["--root", str(tmp_path)]
+    main([*root, "--engine", "deployment", "--site-gpus", "0", "train", "fold3"])
+    main([*root, "train", "fold3"])
+    deployment, default = calls
+    assert deployment[:6] == ("-m", "train", "--engine", "deployment", "--site-gpus", "0")
+    assert deployment[6:] == default[2:]  # the same run otherwise
+    assert "--engine" not in default and default[default.index("--fold") + 1] == "3"

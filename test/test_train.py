@@ -744,7 +744,9 @@ def test_simulated_federation_trains_resumes_and_is_reproducible(federation, tmp
     assert main(command) == PAUSED_EXIT
     assert "paused after round 1; the same command resumes" in capsys.readouterr().err
     assert not (fold / PAUSE).exists() and not (tmp_path / "cli" / "weights").exists()
+    (fold / PAUSE).touch()  # asked during the last round: the run still finishes and exports
     assert main(command) == 0  # the same command resumes
+    assert not (fold / PAUSE).exists()
     summary = json.loads(capsys.readouterr().out)
     assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site1", "site2", "site3"]
     resumed = json.loads((fold / "state.json").read_text())

@@ -305,3 +305,76 @@ def test_gpu_train_script_trains_on_the_deployment_engine_without_ray(tmp_path):
     # Nothing but the script's own check ("ray installed: False", python -c) looked for Ray.
     attempts = (imports / "ray-imports").read_text().splitlines()
     assert all(line.split()[2] == "-c" for line in attempts), attempts
+
+
+STUDY_AT_CPU_SIZE = """
+import dataclasses
+
+import study.data as data
+import study.runs as runs
+
+data.FEDERATION = {"cases": 3, "size": 32, "seed": 5, "sites": 3}
+data.TEST_SET = {"cases": 1, "size": 32, "seed": 6, "sites": 4}
+data.INDEPENDENT_SET = {"cases": 1, "size": 32, "seed": 7}
+runs.COMMON.update({"patch-size": 32, "base-channels": 4, "patches-per-case": 2,
+                    "val-overlap": 0.0, "precision": "fp32"})
+runs.RUNS["fold0"] = dataclasses.replace(runs.RUNS["fold0"], rounds=1)  # fold 1 keeps 60
+"""
+
+
+def test_gpu_study_script_trains_runs_at_once_parks_the_unfinished_and_returns_them(tmp_path):
+    """bench/gpu_study.sh at a CPU size: fold 0 finishes (one round), fold 1 is paused after its
+    first round at the time limit; the return comes in two calls and restores elsewhere."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(STUDY_AT_CPU_SIZE)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(hook),
+        "PYTHON": sys.executable,
+        "STUDY": str(tmp_path / "device"),
+        "RUNS": "fold0 fold1",
+        "MAX_SECONDS": "1",
+        "RETURN_FILES": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    script = ["bash", str(ROOT / "bench" / "gpu_study.sh")]
+
+    def call(*options: str, out: str) -> list[str]:
+        done = subprocess.run(
+            [*script, *options],
+            env={**env, "OUT": str(tmp_path / out)},
+            text=True,
+            capture_output=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+        return sorted(p.name for p in (tmp_path / out).iterdir())
+
+    first = call(out="first")
+    assert first == [
+        "folds--train--fold1--best-r0001.safetensors",
+        "folds--weights--fold_0.safetensors",
+        "study.tar.gz",
+    ]
+    assert call("--collect", out="second") == [
+        "folds--train--fold1--global-r0001.safetensors",
+        "study.tar.gz",
+    ]
+    here = tmp_path / "here"
+    for out in ("first", "second"):
+        restored = subprocess.run(
+            [*script, "--restore", str(tmp_path / out)],
+            env={**env, "VESSEL_SEG_STUDY_DIR": str(here)},
+            text=True,
+            capture_output=True,
+        )
+        assert restored.returncode == 0, restored.stderr
+    manifest = load_manifest(here / "runs/folds/weights")
+    assert [entry.fold for entry in manifest.folds] == [0]
+    load_fold(here / "runs/folds/weights", manifest, 0)  # its size and sha256 verified
+    state = json.loads((here / "runs/folds/train/fold1/state.json").read_text())
+    assert state["round"] == 1 and state["stop_reason"] == "paused"
+    for name in (state["global_file"], state["best_file"]):
+        assert (here / "runs/folds/train/fold1" / name).is_file()  # fold 1 resumes here

@@ -32,6 +32,7 @@ from safetensors.numpy import load as load_safetensors
 
 from model.network import VesselUNet
 from train.checkpoint import (
+    PAUSE,
     PAUSED,
     RunState,
     contiguous,
@@ -309,7 +310,10 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
         arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
         improved = update_state(state, record)
         best = arrays if improved else best
-        paused = pause_requested(directory)
+        finished = (
+            state.round >= config.num_rounds or state.rounds_without_improvement >= config.patience
+        )
+        paused = not finished and pause_requested(directory)  # a finished run exports
         state.stop_reason = PAUSED if paused else ""
         save_checkpoint(directory, state, arrays, arrays if improved else None)
         log.info(
@@ -325,6 +329,7 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
         if paused:
             log.info("fold %d: paused after round %d", config.fold, state.round)
             return state
+    (directory / PAUSE).unlink(missing_ok=True)  # asked too late: the run has finished
     state.stop_reason = (
         f"no better validation Dice for {config.patience} rounds"
         if state.rounds_without_improvement >= config.patience
