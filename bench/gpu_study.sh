@@ -13,30 +13,12 @@
 #      then the exported folds, then the parked checkpoints, as many as one call brings back
 #      (7 files, 60 MB); `--collect` (the next call, while the machine is still warm) brings the
 #      next ones. Each file is named by its path under $STUDY/runs with '--' for '/'.
-# Here, `bash bench/gpu_study.sh --restore DIR` puts a return into the study here (work/study,
-# else $VESSEL_SEG_STUDY_DIR): the states and manifests of study.tar.gz, then the files; it
-# refuses while a run trains there.
-#   WHEELS=.whl bash bench/gpu_study.sh              # about 8 min, then --collect as needed
+# Here, `python -m study restore DIR` merges a return into this study (study/restore.py: a fold
+# joins where it is missing, a checkpoint replaces one that trained fewer rounds).
+#   bash bench/gpu_study.sh                          # about 8 min, then --collect as needed
 #   RUNS="msfe-only hsca-only pooled" bash bench/gpu_study.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.." || exit 2
-if [[ ${1:-} == --restore ]]; then  # here: a call's return into work/study
-    from=${2:?--restore DIR} to=${VESSEL_SEG_STUDY_DIR:-work/study}
-    folders=$(tar -tzf "$from/study.tar.gz" | grep -o '^runs/.*/train/fold[0-9]*/' | sort -u)
-    for folder in $folders; do
-        lock=$to/$folder/training.lock
-        if [[ -e $lock ]] && ! flock -n "$lock" true; then
-            echo "$to/$folder: a training runs there; pause it first (python -m study park)" >&2
-            exit 1
-        fi
-    done
-    mkdir -p "$to" && tar -xzf "$from/study.tar.gz" -C "$to" --wildcards 'runs/*' || exit 1
-    for file in "$from"/*--*; do
-        target=$to/runs/$(basename "$file" | sed 's|--|/|g')
-        mkdir -p "$(dirname "$target")" && cp "$file" "$target" && echo "$target"
-    done
-    exit 0
-fi
 out=${OUT:-build/gpu-study-out}
 python=${PYTHON:-python3}
 runs=${RUNS:-fold0 fold1 fold2 fold3 fold4}

@@ -9,6 +9,7 @@
     python -m study all                     # data, every run, postprocess, evaluate (days)
     python -m study ship fold0 --to weights # copy the folds and their cleaning to a folder
     python -m study --engine deployment --site-gpus 0 train fold1   # no Ray; the sites on GPU 0
+    python -m study restore DIR [DIR ...]   # runs trained elsewhere (bench/gpu_study.sh)
 
 Everything lives under ``--root`` (default ``$VESSEL_SEG_STUDY_DIR``, else the repository's
 ``work/study``), whatever the current directory.
@@ -20,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from study import postprocessing, ship, tables
+from study import postprocessing, restore, ship, tables
 from study.data import make_data
 from study.paths import StudyPaths
 from study.runs import PILOTS, RUNS, park, train, unfinished
@@ -56,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands.add_parser("evaluate")
     commands.add_parser("pilot")
     commands.add_parser("all")
+    commands.add_parser("restore").add_argument(
+        "returned",
+        type=Path,
+        nargs="+",
+        help="the returns of bench/gpu_study.sh's calls (study.tar.gz and files), in order",
+    )
     shipping = commands.add_parser("ship")
     shipping.add_argument("run", choices=sorted(RUNS))
     shipping.add_argument("--to", type=Path, required=True, help="weights folder to write")
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
     if args.command in ("evaluate", "all"):
         print(tables.evaluate(paths))
+    if args.command == "restore":
+        print("\n".join(restore.restore(paths, args.returned)))
     if args.command == "ship":
         print(ship.ship(paths, args.run, args.to))
     return 0

@@ -219,3 +219,52 @@ def test_the_study_hands_its_engine_options_to_python_m_train(tmp_path, monkeypa
     assert deployment[:6] == ("-m", "train", "--engine", "deployment", "--site-gpus", "0")
     assert deployment[6:] == default[2:]  # the same run otherwise
     assert "--engine" not in default and default[default.index("--fold") + 1] == "3"
+
+
+def test_restore_adds_what_is_missing_and_keeps_what_trained_further(tmp_path, capsys):
+    # A return from bench/gpu_study.sh: folds 0 and 1 exported, checkpoints of folds 2 (round 3),
+    # 3 (round 4) and 4 (round 2, its global file not returned yet). Here: fold 0 exported,
+    # fold 2 at round 5.
+    import tarfile
+
+    from train.checkpoint import RunState, save_checkpoint, training_lock
+    from train.config import TrainConfig
+    from train.server_app import initial_arrays
+
+    def checkpoint(root, fold, rounds):
+        config = TrainConfig.from_run_config({"base-channels": 4, "fold": fold})
+        folder = root / "runs" / "folds" / "train" / f"fold{fold}"
+        folder.mkdir(parents=True)
+        state = RunState(config=config.to_run_config(), round=rounds, best_round=1, best_dice=0.4)
+        save_checkpoint(folder, state, initial_arrays(config), initial_arrays(config))
+        return folder
+
+    device, here, returned = tmp_path / "device", tmp_path / "here", tmp_path / "returned"
+    write_weights(device / "runs/folds/weights", folds=2, fitted=False, seed=1)
+    shipped = write_weights(here / "runs/folds/weights", folds=1, fitted=False, seed=2)
+    for fold, rounds in ((2, 3), (3, 4), (4, 2)):
+        checkpoint(device, fold, rounds)
+    mine = checkpoint(here, 2, 5)
+    returned.mkdir()
+    runs = device / "runs"
+    with tarfile.open(returned / "study.tar.gz", "w:gz") as archive:
+        for path in [*runs.rglob("state.json"), *runs.rglob("manifest.json")]:
+            archive.add(path, arcname=str(path.relative_to(device)))
+    for path in runs.rglob("*.safetensors"):
+        if path.name != "global-r0002.safetensors":  # fold 4's: the next call's
+            (returned / "--".join(path.relative_to(runs).parts)).write_bytes(path.read_bytes())
+
+    behind = checkpoint(here, 3, 1)
+    with training_lock(behind), pytest.raises(ValueError, match="a training runs there"):
+        main(["--root", str(here), "restore", str(returned)])  # fold 3 trains here
+    assert main(["--root", str(here), "restore", str(returned)]) == 0  # once it has stopped
+    report = capsys.readouterr().out
+    manifest = load_manifest(here / "runs/folds/weights")
+    assert [entry.fold for entry in manifest.folds] == [0, 1]
+    assert manifest.folds[0] == shipped.folds[0]  # this study's fold 0 stays
+    assert (here / "runs/folds/train/fold2/state.json").read_text() == (
+        mine / "state.json"
+    ).read_text()  # round 5 here beats the return's round 3
+    assert json.loads((here / "runs/folds/train/fold3/state.json").read_text())["round"] == 4
+    assert not (here / "runs/folds/train/fold4").exists()
+    assert "fold4: not yet (global-r0002.safetensors not returned yet" in report

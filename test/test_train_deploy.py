@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from model.weights import load_fold, load_manifest
+from study.__main__ import main as study_main
 from train.deploy.credentials import make_certificates, make_supernode_key
 from train.deploy.localhost import descendants, terminate
 
@@ -363,14 +364,7 @@ def test_gpu_study_script_trains_runs_at_once_parks_the_unfinished_and_returns_t
         "study.tar.gz",
     ]
     here = tmp_path / "here"
-    for out in ("first", "second"):
-        restored = subprocess.run(
-            [*script, "--restore", str(tmp_path / out)],
-            env={**env, "VESSEL_SEG_STUDY_DIR": str(here)},
-            text=True,
-            capture_output=True,
-        )
-        assert restored.returncode == 0, restored.stderr
+    study_main(["--root", str(here), "restore", str(tmp_path / "first"), str(tmp_path / "second")])
     manifest = load_manifest(here / "runs/folds/weights")
     assert [entry.fold for entry in manifest.folds] == [0]
     load_fold(here / "runs/folds/weights", manifest, 0)  # its size and sha256 verified
