@@ -16,12 +16,16 @@ naively as background, ``sparse`` slabs), and ``federation-without-<site>`` leav
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from inference.backend_base import available_cpus
 from phantoms.dataset import FAMILY_VERSIONS
 from study.paths import REPOSITORY, StudyPaths
 from train.data import dataset_description
@@ -66,20 +70,26 @@ def phantoms(out: Path, spec: dict, *options: str) -> None:
 
 
 def make_data(paths: StudyPaths) -> None:
-    """Write whatever of the federations, test sets and data views is missing."""
+    """Write whatever of the federations, test sets and data views is missing; the sets are
+    independent generator runs, so they run side by side, one per available CPU."""
     data = paths.data
     _refuse_stale_federations(data)
     federation = data / "federation"
+    jobs = []
     if not federation.exists():
-        phantoms(federation, FEDERATION, "--family", "randomised")
+        jobs.append(functools.partial(phantoms, federation, FEDERATION, "--family", "randomised"))
     if not (data / "federation-reference").exists():
-        phantoms(data / "federation-reference", FEDERATION, "--family", "reference")
+        reference = data / "federation-reference"
+        jobs.append(functools.partial(phantoms, reference, FEDERATION, "--family", "reference"))
     if not (data / "test").exists():
-        _flat_test_set(data)
+        jobs.append(functools.partial(_flat_test_set, data))
     if not (data / "independent").exists():
         options = ("--layout", "challenge", "--family", "independent")
-        phantoms(data / "independent", INDEPENDENT_SET, *options)
-    _partial_federations(data)
+        jobs.append(functools.partial(phantoms, data / "independent", INDEPENDENT_SET, *options))
+    jobs += _partial_federations(data)
+    with ThreadPoolExecutor(max(1, min(len(jobs), available_cpus()))) as pool:
+        for future in [pool.submit(job) for job in jobs]:
+            future.result()  # a failure stops the study
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     _link_views(data, sites)
 
@@ -98,15 +108,17 @@ def _refuse_stale_federations(data: Path) -> None:
             )
 
 
-def _partial_federations(data: Path) -> None:
-    """The federation's images again, :data:`PARTIAL_SITE` labelled as each of
+def _partial_federations(data: Path) -> list[Callable[[], None]]:
+    """The missing of the federation's images again, :data:`PARTIAL_SITE` labelled as each of
     :data:`PARTIAL_FEDERATIONS` says (same seeds: only that site's labels differ)."""
     sites = [f"site{k}" for k in range(1, FEDERATION["sites"] + 1)]
+    jobs = []
     for name, (mode, *naive) in PARTIAL_FEDERATIONS.items():
         if not (data / name).exists():
             modes = [mode if site == PARTIAL_SITE else "full" for site in sites]
             options = ("--family", "randomised", "--annotation", *modes, *naive)
-            phantoms(data / name, FEDERATION, *options)
+            jobs.append(functools.partial(phantoms, data / name, FEDERATION, *options))
+    return jobs
 
 
 def _flat_test_set(data: Path) -> None:
