@@ -77,20 +77,20 @@ def engine_options(args: argparse.Namespace) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    paths = StudyPaths.at(args.root)
+    paths, engine = StudyPaths.at(args.root), engine_options(args)
     if args.command in ("data", "pilot", "all"):
         make_data(paths)
     if args.command == "train":
-        train(paths, args.run, engine_options(args))
+        train(paths, args.run, engine)
     if args.command == "pilot":
         for run in PILOTS:
-            train(paths, run, engine_options(args))
+            train(paths, run, engine)
         print(tables.evaluate_pilot(paths))
         print(tables.learning_rates(paths))
     if args.command == "all":
         for run in RUNS:
             if run not in PILOTS:
-                train(paths, run, engine_options(args))
+                train(paths, run, engine)
     if args.command == "park":
         for run in args.runs or unfinished(paths):
             print(" ".join(str(path) for path in park(paths, run)))

@@ -13,8 +13,6 @@ there, and no process trains that fold here.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import json
 import shutil
 import tarfile
 import tempfile
@@ -22,8 +20,8 @@ from pathlib import Path
 
 from model.weights import MANIFEST, load_fold, load_manifest, write_manifest
 from study.paths import StudyPaths
-from train.checkpoint import LOCK, STATE
-from train.export import check_compatible, locked
+from train.checkpoint import STATE, read_state, training_lock
+from train.export import add_folds, folder_manifest
 
 
 def restore(paths: StudyPaths, returns: list[Path]) -> list[str]:
@@ -59,15 +57,8 @@ def unpack(returned: Path, runs: Path) -> None:
 def merge_folds(source: Path, target: Path) -> str:
     """Add the folds ``source`` holds and ``target`` lacks; the folds ``target`` has stay."""
     new = load_manifest(source)
-    target.mkdir(parents=True, exist_ok=True)
-    with locked(target):
-        if (target / MANIFEST).is_file():
-            manifest = load_manifest(target)
-            check_compatible(manifest, new, target / MANIFEST)
-        else:
-            manifest = dataclasses.replace(
-                new, folds=[], provenance={**new.provenance, "folds": {}}
-            )
+    plans = dataclasses.replace(new, folds=[], provenance={**new.provenance, "folds": {}})
+    with folder_manifest(target, plans) as manifest:
         have = {entry.fold for entry in manifest.folds}
         added = [e for e in new.folds if e.fold not in have and (source / e.file).is_file()]
         missing = [e.fold for e in new.folds if e.fold not in have and e not in added]
@@ -75,45 +66,30 @@ def merge_folds(source: Path, target: Path) -> str:
             load_fold(source, new, entry.fold)  # its size and sha256 match, or this raises
             shutil.copyfile(source / entry.file, target / entry.file)
         if added:
-            manifest.folds = sorted(manifest.folds + added, key=lambda e: e.fold)
-            folds = dict(manifest.provenance.get("folds", {}))
             returned = new.provenance.get("folds", {})
-            folds.update(
-                {str(e.fold): returned[str(e.fold)] for e in added if str(e.fold) in returned}
-            )
-            manifest.provenance = {**manifest.provenance, "folds": folds}
+            provenance = {
+                str(e.fold): returned[str(e.fold)] for e in added if str(e.fold) in returned
+            }
+            add_folds(manifest, added, provenance)
             write_manifest(target, manifest)
     line = f"{target}: folds {[e.fold for e in added]} added, {sorted(have)} kept"
     return line + (f", {missing} not returned yet (--collect)" if missing else "")
 
 
 def merge_checkpoint(source: Path, target: Path) -> str:
-    """Replace ``target``'s checkpoint by ``source``'s when that one trained further."""
-    state = json.loads((source / STATE).read_text())
-    files = [name for name in (state["global_file"], state["best_file"]) if name]
-    mine = json.loads((target / STATE).read_text())["round"] if (target / STATE).is_file() else 0
-    if state["round"] <= mine:
-        return f"{target}: kept (round {mine}; the return has round {state['round']})"
+    """Replace ``target``'s checkpoint by ``source``'s when that one trained further; the
+    fold's training lock is held meanwhile (it fails at once while a training runs there)."""
+    state, local = read_state(source), read_state(target)
+    mine = local.round if local else 0
+    if state.round <= mine:
+        return f"{target}: kept (round {mine}; the return has round {state.round})"
+    files = [name for name in (state.global_file, state.best_file) if name]
     absent = [name for name in files if not (source / name).is_file()]
     if absent:
         return f"{target}: not yet ({', '.join(absent)} not returned yet: --collect)"
-    if busy(target):
-        raise ValueError(f"{target}: a training runs there; pause it first (python -m study park)")
     target.mkdir(parents=True, exist_ok=True)
-    for name in files:
-        shutil.copyfile(source / name, target / name)
-    shutil.copyfile(source / STATE, target / STATE)  # last: it names the files above
-    return f"{target}: restored at round {state['round']} (it had {mine})"
-
-
-def busy(fold: Path) -> bool:
-    """Whether a process holds the fold's training lock."""
-    if not (fold / LOCK).is_file():
-        return False
-    with open(fold / LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    with training_lock(target):
+        for name in files:
+            shutil.copyfile(source / name, target / name)
+        shutil.copyfile(source / STATE, target / STATE)  # last: it names the files above
+    return f"{target}: restored at round {state.round} (it had {mine})"

@@ -255,7 +255,7 @@ def test_restore_adds_what_is_missing_and_keeps_what_trained_further(tmp_path, c
             (returned / "--".join(path.relative_to(runs).parts)).write_bytes(path.read_bytes())
 
     behind = checkpoint(here, 3, 1)
-    with training_lock(behind), pytest.raises(ValueError, match="a training runs there"):
+    with training_lock(behind), pytest.raises(ValueError, match="another process is training"):
         main(["--root", str(here), "restore", str(returned)])  # fold 3 trains here
     assert main(["--root", str(here), "restore", str(returned)]) == 0  # once it has stopped
     report = capsys.readouterr().out

@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from inference.preprocessing import DEFAULT_NORMALIZATION
-from model.weights import MANIFEST, Manifest, WeightError, load_manifest, save_fold, write_manifest
+from model.weights import (
+    MANIFEST,
+    FoldEntry,
+    Manifest,
+    WeightError,
+    load_manifest,
+    save_fold,
+    write_manifest,
+)
 from train.config import TrainConfig
 from train.task import build_network
 
@@ -56,27 +64,40 @@ def check_compatible(existing: Manifest, new: Manifest, path: Path) -> None:
             )
 
 
+@contextmanager
+def folder_manifest(out_dir: Path, plans: Manifest) -> Iterator[Manifest]:
+    """Under the folder's lock: its manifest, checked to accept folds of ``plans``, else
+    ``plans`` itself (a folder without folds yet). The caller writes it back."""
+    with locked(out_dir):
+        if not (out_dir / MANIFEST).is_file():
+            yield plans
+            return
+        manifest = load_manifest(out_dir)
+        check_compatible(manifest, plans, out_dir / MANIFEST)
+        yield manifest
+
+
+def add_folds(manifest: Manifest, entries: list[FoldEntry], provenance: dict[str, dict]) -> None:
+    """Put ``entries`` into ``manifest`` (replacing folds of the same number) with the
+    provenance of each (keyed by fold number as text)."""
+    numbers = {entry.fold for entry in entries}
+    kept = [entry for entry in manifest.folds if entry.fold not in numbers]
+    manifest.folds = sorted(kept + entries, key=lambda entry: entry.fold)
+    folds = {**manifest.provenance.get("folds", {}), **provenance}
+    manifest.provenance = {**manifest.provenance, "folds": dict(sorted(folds.items()))}
+
+
 def export_fold(
     arrays: dict[str, np.ndarray], config: TrainConfig, out_dir: str | Path, provenance: dict
 ) -> Path:
     """Write fold ``config.fold`` from ``arrays`` and merge it into ``out_dir/manifest.json``."""
     out_dir = Path(out_dir)
     net = build_network(config, {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
-    new = plans_of(config)
-    with locked(out_dir):
-        manifest = new
-        if (out_dir / MANIFEST).is_file():
-            manifest = load_manifest(out_dir)
-            check_compatible(manifest, new, out_dir / MANIFEST)
+    with folder_manifest(out_dir, plans_of(config)) as manifest:
         entry = save_fold(net, out_dir / f"fold_{config.fold}.safetensors", config.fold)
-        manifest.folds = sorted(
-            [e for e in manifest.folds if e.fold != config.fold] + [entry], key=lambda e: e.fold
-        )
-        folds = dict(manifest.provenance.get("folds", {}))
-        folds[str(config.fold)] = provenance
         manifest.provenance = {
             **manifest.provenance,
             "training": "federated averaging (Flower FedAvg, sites weighted by training cases)",
-            "folds": dict(sorted(folds.items())),
         }
+        add_folds(manifest, [entry], {str(config.fold): provenance})
         return write_manifest(out_dir, manifest)

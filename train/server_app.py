@@ -298,6 +298,11 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
         return _train_fold(grid, config, directory)
 
 
+def finished(state: RunState, config: TrainConfig) -> bool:
+    """Whether the run has reached its round cap or its patience."""
+    return state.round >= config.num_rounds or state.rounds_without_improvement >= config.patience
+
+
 def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
     saved = load_checkpoint(directory, config)
     if saved is None:
@@ -306,14 +311,13 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
         state, arrays, best = saved
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
     strategy = build_strategy(config)
-    while state.round < config.num_rounds and state.rounds_without_improvement < config.patience:
+    while not finished(state, config):
         arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
         improved = update_state(state, record)
         best = arrays if improved else best
-        finished = (
-            state.round >= config.num_rounds or state.rounds_without_improvement >= config.patience
-        )
-        paused = not finished and pause_requested(directory)  # a finished run exports
+        paused = not finished(state, config) and pause_requested(
+            directory
+        )  # a finished run exports
         state.stop_reason = PAUSED if paused else ""
         save_checkpoint(directory, state, arrays, arrays if improved else None)
         log.info(
