@@ -298,6 +298,29 @@ def test_normalization_ignores_the_field_of_view_fill():
             assert difference > 0.3  # what the test guards against
 
 
+def test_normalization_sets_air_apart_when_it_outnumbers_tissue():
+    """A field of view reaching past the skin: 60 % of the volume is air (-1000 HU with noise).
+    Excluding air keeps tissue at 0 and the vessels where they lie without air (the median
+    anchor alone put tissue near 0.5, and the network then found no vessel); on the same case
+    without air, where Otsu splits tissue from bone, the exclusion changes nothing."""
+    image, label = generate_case((64, 64, 64), seed=4)
+    head = sitk.GetArrayFromImage(image).astype(np.float32)
+    vessels = sitk.GetArrayFromImage(label) > 0
+    z, y, x = np.mgrid[:64, :64, :64]
+    air = (x + y + 0.5 * z < 90) & ~vessels
+    noise = np.random.default_rng(0).normal(0, 15, head.shape).astype(np.float32)
+    with_air = np.where(air, np.float32(-1000) + noise, head)
+    assert air.mean() > 0.5
+    median_only = {k: v for k, v in DEFAULT_NORMALIZATION.items() if k != "exclude_air"}
+    tissue = ~air & ~vessels
+    reference = normalize(head, DEFAULT_NORMALIZATION)
+    assert np.array_equal(reference, normalize(head, median_only))
+    excluded = normalize(with_air, DEFAULT_NORMALIZATION)
+    assert np.median(excluded[tissue]) < 0.05
+    assert np.abs(excluded - reference)[~air].max() < 0.06
+    assert np.median(normalize(with_air, median_only)[tissue]) > 0.2  # what it guards against
+
+
 @pytest.mark.parametrize(
     "channels, kernel, block, size",
     [
