@@ -199,6 +199,37 @@ def test_a_run_whose_fold_is_exported_is_not_trained_again(tmp_path, capsys):
     assert not (tmp_path / "runs" / "folds" / "train").exists()
 
 
+def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, monkeypatch):
+    # Fold 0 stopped at its first plateau before the study had lr-drops: with its checkpoint
+    # here it goes on (and park would pause it); without it (a fresh clone) it stays trained.
+    from train.checkpoint import save_checkpoint
+    from train.config import TrainConfig
+    from train.server_app import initial_arrays
+
+    calls = []
+    monkeypatch.setattr(study_runs, "python", lambda *args: calls.append(args))
+    paths = StudyPaths.at(tmp_path)
+    write_weights(paths.weights(FOLDS), folds=1, fitted=False)
+    folder = study_runs.checkpoint_folder(paths, "fold0")
+    folder.mkdir(parents=True)
+    config = TrainConfig.from_run_config({"base-channels": 4})
+    state = RunState(config=config.to_run_config(), round=28, best_round=18, best_dice=0.66)
+    state.stop_reason = "no better validation Dice for 10 rounds"
+    arrays = initial_arrays(config)
+    save_checkpoint(folder, state, arrays, arrays)
+    assert study_runs.unfinished(paths) == ["fold0"]
+    assert main(["--root", str(tmp_path), "train", "fold0"]) == 0
+    assert len(calls) == 1 and "lr-drops=1" in calls[0][-1]
+    state.lr_drops_done = 1  # the drop taken: trained
+    write_state(folder, state)
+    assert study_runs.unfinished(paths) == []
+    assert main(["--root", str(tmp_path), "train", "fold0"]) == 0 and len(calls) == 1
+    state.lr_drops_done = 0
+    write_state(folder, state)
+    (folder / state.best_file).unlink()  # a fresh clone: only state.json is committed
+    assert main(["--root", str(tmp_path), "train", "fold0"]) == 0 and len(calls) == 1
+
+
 def test_data_of_an_older_generator_version_stops_the_study(tmp_path):
     paths = StudyPaths.at(tmp_path)
     site = paths.data / "federation" / "site1"

@@ -58,7 +58,7 @@ from train.sampling import (
     make_patch,
     sample_patch,
 )
-from train.server_app import failures, initial_arrays, update_state
+from train.server_app import failures, initial_arrays, run_training, update_state
 from train.strategy import RobustFedAvg
 from train.task import (
     autocast_dtype,
@@ -519,6 +519,65 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
     assert load_checkpoint(tmp_path, config)[0].round == 3
     with pytest.raises(ValueError, match="init-weights '' -> 'x.safetensors'"):
         load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
+
+
+FIRST_WEIGHT = "encoders.0.0.weight"
+
+
+def scripted_rounds(monkeypatch, dice_by_round: list[float]) -> list[tuple]:
+    """Replace each round's federation by a scripted one: the model it starts from comes back
+    shifted by the round number, with the next validation Dice of ``dice_by_round``. Returns
+    what each round was given: (round, first parameter's first value, learning rate)."""
+    import train.server_app as server_app
+
+    given = []
+
+    def play(grid, strategy, config, server_round, arrays, lr_drops_done=0):
+        rate = site_config(config, lr_drops_done)["learning-rate"]
+        given.append((server_round, float(arrays[FIRST_WEIGHT].flat[0]), rate))
+        shifted = {
+            k: v + np.float32(server_round) if v.dtype == np.float32 else v
+            for k, v in arrays.items()
+        }
+        validation = {
+            k: dice_by_round[server_round - 1] for k in ("dice", "cldice", "clre", "clpr")
+        }
+        return shifted, {
+            "round": server_round,
+            "train": {"sites": {}, "loss": 0.5, "learning_rate": rate},
+            "validation": {"sites": {}, **validation},
+            "seconds": 1.0,
+        }
+
+    monkeypatch.setattr(server_app, "play_round", play)
+    return given
+
+
+def test_a_plateau_with_a_drop_left_goes_on_from_the_best_model_at_a_tenth_of_the_rate(
+    tmp_path, monkeypatch
+):
+    """Patience 2: rounds 3-4 bring nothing after round 2, so round 5 starts from round 2's
+    model at a tenth of the learning rate; rounds 6-7 bring nothing after round 5, no drop is
+    left, and round 5's model is exported. A run that stopped without drops (the paper's
+    training) resumes the same way when it is given one."""
+    dice = [0.5, 0.6, 0.55, 0.58, 0.7, 0.65, 0.66, 0.6, 0.6]
+    given = scripted_rounds(monkeypatch, dice)
+    config = tiny_config(tmp_path, patience=2, **{"num-rounds": 20, "learning-rate": 1e-3})
+    state = run_training(None, config.replace(lr_drops=0))
+    assert state.round == 4 and state.best_round == 2 and state.lr_drops_done == 0
+    after_round = {r: start + r for r, start, _ in given}  # a round adds its number
+    state = run_training(None, config.replace(lr_drops=1))
+    assert [r for r, _, _ in given] == [1, 2, 3, 4, 5, 6, 7]
+    assert [rate for _, _, rate in given] == pytest.approx([1e-3] * 4 + [1e-4] * 3)
+    assert given[4][1] == pytest.approx(after_round[2])  # round 5 began from round 2's model
+    assert (state.round, state.best_round, state.lr_drops_done) == (7, 5, 1)
+    assert state.stop_reason == "no better validation Dice for 2 rounds after 1 learning-rate drops"
+    assert [r["train"]["learning_rate"] for r in state.history][3:5] == pytest.approx([1e-3, 1e-4])
+    entry = load_manifest(config.out_dir).provenance["folds"]["0"]
+    assert (entry["best_round"], entry["lr_drops"]) == (5, 1)
+    weights = Path(config.out_dir)
+    exported = load_fold(weights, load_manifest(weights), 0).state_dict()[FIRST_WEIGHT]
+    assert float(exported.flatten()[0]) == pytest.approx(given[4][1] + 5, rel=1e-3)
 
 
 def test_a_resumed_run_refuses_a_site_whose_cases_changed_and_logs_other_changes(caplog):

@@ -46,6 +46,7 @@ FORMAT = "vessel-train-state/1"
 RESUMABLE = {
     "num-rounds",
     "patience",
+    "lr-drops",
     "round-timeout",
     "min-sites",
     "wait-for-sites",
@@ -66,6 +67,7 @@ class RunState:
     best_dice: float = -1.0
     best_metrics: dict = field(default_factory=dict)
     rounds_without_improvement: int = 0
+    lr_drops_done: int = 0  # plateaus after which training went on at a lower learning rate
     training_seconds: float = 0.0
     sites: dict = field(default_factory=dict)  # name -> what the site reported
     history: list = field(default_factory=list)

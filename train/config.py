@@ -19,6 +19,7 @@ from typing import Any
 from model.network import DOWNSAMPLING, UPSAMPLINGS, Architecture
 
 PRECISIONS = ("auto", "fp32", "bf16")
+LR_DROP = 0.1
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
 
 
@@ -31,6 +32,9 @@ class TrainConfig:
     num_rounds: int = 1000
     local_epochs: int = 1
     patience: int = 20  # rounds without a better validation Dice before stopping
+    # Plateaus survived: each restarts from the best model at LR_DROP times the learning rate
+    # (0: stop at the first, as the paper)
+    lr_drops: int = 0
     patches_per_case: int = 10
     batch_size: int = 2
     learning_rate: float = 1e-4
@@ -91,6 +95,8 @@ class TrainConfig:
                 problems.append(f"{name.replace('_', '-')} must be at least 1")
         if self.patience < 1:
             problems.append("patience must be at least 1 round")
+        if self.lr_drops < 0:
+            problems.append("lr-drops must be 0 or more")
         if self.patch_size < DOWNSAMPLING or self.patch_size % DOWNSAMPLING:
             problems.append(f"patch-size {self.patch_size} is not a multiple of {DOWNSAMPLING}")
         if not 0.0 <= self.foreground_fraction <= 1.0:
@@ -195,10 +201,13 @@ SITE_KEYS = (
 )
 
 
-def site_config(config: TrainConfig) -> dict[str, Any]:
-    """The part of the configuration sent to the sites each round."""
+def site_config(config: TrainConfig, lr_drops_done: int = 0) -> dict[str, Any]:
+    """The part of the configuration sent to the sites each round, at the learning rate of
+    the plateaus passed so far."""
     every = config.to_run_config()
-    return {key: every[key] for key in SITE_KEYS}
+    sent = {key: every[key] for key in SITE_KEYS}
+    sent["learning-rate"] = config.learning_rate * LR_DROP**lr_drops_done
+    return sent
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:

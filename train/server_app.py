@@ -7,7 +7,8 @@ by training cases; every site then validates the new global model on its held-ou
 the server averages the scores weighted by validation cases. A site that does not answer
 within ``round-timeout`` seconds (crashed, disconnected) is logged and the round completes
 with the others. The model with the best validation Dice is kept; after ``patience`` rounds
-without a better one, or ``num-rounds`` rounds, it is exported to ``out-dir``.
+without a better one (after ``lr-drops`` restarts from it at a tenth of the learning rate each,
+as ReduceLROnPlateau does), or ``num-rounds`` rounds, it is exported to ``out-dir``.
 """
 
 from __future__ import annotations
@@ -117,20 +118,28 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
 
 
 def send_training(
-    grid: Grid, strategy: Strategy, config: TrainConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid,
+    strategy: Strategy,
+    config: TrainConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: ConfigRecord,
 ) -> tuple[list[Message], list[Message]]:
     """Ask the sites to train from ``arrays``; the messages sent and the sites' replies."""
-    settings = ConfigRecord(site_config(config))
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     return messages, list(grid.send_and_receive(messages, timeout=config.round_timeout))
 
 
 def secure_training(
-    grid: Grid, strategy: Strategy, config: TrainConfig, server_round: int, arrays: ArrayRecord
+    grid: Grid,
+    strategy: Strategy,
+    config: TrainConfig,
+    server_round: int,
+    arrays: ArrayRecord,
+    settings: ConfigRecord,
 ) -> tuple[list[Message], list[Message]]:
     """The same through Flower's SecAgg+: each reply carries the site's metrics and the
     securely aggregated model, never the site's own (see :class:`SecAggPlusBridge`)."""
-    settings = ConfigRecord(site_config(config))
     messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     bridge = SecAggPlusBridge(messages, grid)
     context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=bridge)
@@ -154,12 +163,15 @@ def play_round(
     config: TrainConfig,
     server_round: int,
     arrays: dict[str, np.ndarray],
+    lr_drops_done: int = 0,
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One FedAvg round and its validation; returns the new global model and the round's record."""
     start = time.monotonic()
-    settings = site_config(config)
+    settings = site_config(config, lr_drops_done)
     train = secure_training if config.secagg else send_training
-    messages, replies = train(grid, strategy, config, server_round, to_record(arrays))
+    messages, replies = train(
+        grid, strategy, config, server_round, to_record(arrays), ConfigRecord(settings)
+    )
     trained = time.monotonic()
     averaged, train_metrics = strategy.aggregate_train(server_round, replies)
     if averaged is None:
@@ -176,6 +188,7 @@ def play_round(
         "train": {
             "sites": site_reports(replies, ("train-loss", "train-seconds", "site-seconds")),
             "loss": float(train_metrics["train-loss"]) if train_metrics else None,
+            "learning_rate": settings["learning-rate"],
             "left_out": dict(guard(strategy).left_out),
             "failures": failures(messages, replies, guard(strategy).names),
             "seconds": trained - start,
@@ -264,6 +277,7 @@ def provenance(state: RunState, config: TrainConfig) -> dict:
         "patches_per_case": config.patches_per_case,
         "batch_size": config.batch_size,
         "learning_rate": config.learning_rate,
+        **({"lr_drops": state.lr_drops_done} if state.lr_drops_done else {}),
         "loss": f"BCE + {config.loss_alpha:g} WBCE + {1 - config.loss_alpha:g} Dice",
         "precision": config.precision,
         **aggregation_provenance(config),
@@ -299,8 +313,14 @@ def run_training(grid: Grid, config: TrainConfig) -> RunState:
 
 
 def finished(state: RunState, config: TrainConfig) -> bool:
-    """Whether the run has reached its round cap or its patience."""
-    return state.round >= config.num_rounds or state.rounds_without_improvement >= config.patience
+    """Whether the run has reached its round cap, or its patience with no drop left."""
+    return state.round >= config.num_rounds or (
+        plateaued(state, config) and state.lr_drops_done >= config.lr_drops
+    )
+
+
+def plateaued(state: RunState, config: TrainConfig) -> bool:
+    return state.rounds_without_improvement >= config.patience
 
 
 def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
@@ -312,7 +332,21 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
         log.info("resuming fold %d after round %d from %s", config.fold, state.round, directory)
     strategy = build_strategy(config)
     while not finished(state, config):
-        arrays, record = play_round(grid, strategy, config, state.round + 1, arrays)
+        if plateaued(state, config):  # a drop is left: go on from the best model, slower
+            arrays = best if best is not None else arrays
+            state.lr_drops_done += 1
+            state.rounds_without_improvement = 0
+            log.info(
+                "fold %d: no better validation Dice for %d rounds; from round %d's model at "
+                "learning rate %g",
+                config.fold,
+                config.patience,
+                state.best_round,
+                site_config(config, state.lr_drops_done)["learning-rate"],
+            )
+        arrays, record = play_round(
+            grid, strategy, config, state.round + 1, arrays, state.lr_drops_done
+        )
         improved = update_state(state, record)
         best = arrays if improved else best
         paused = not finished(state, config) and pause_requested(
@@ -336,7 +370,8 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
     (directory / PAUSE).unlink(missing_ok=True)  # asked too late: the run has finished
     state.stop_reason = (
         f"no better validation Dice for {config.patience} rounds"
-        if state.rounds_without_improvement >= config.patience
+        + (f" after {state.lr_drops_done} learning-rate drops" if state.lr_drops_done else "")
+        if plateaued(state, config)
         else "num-rounds reached"
     )
     if best is None:
