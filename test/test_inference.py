@@ -319,6 +319,8 @@ def test_normalization_sets_air_apart_when_it_outnumbers_tissue():
     assert np.median(excluded[tissue]) < 0.05
     assert np.abs(excluded - reference)[~air].max() < 0.06
     assert np.median(normalize(with_air, median_only)[tissue]) > 0.2  # what it guards against
+    tubes = tube_case((40, 32, 36), seed=8)[0].astype(np.float32)  # tissue and vessels only
+    assert np.array_equal(normalize(tubes, DEFAULT_NORMALIZATION), normalize(tubes, median_only))
 
 
 @pytest.mark.parametrize(
