@@ -152,7 +152,7 @@ def trains_further(paths: StudyPaths, name: str) -> bool:
     from; it then resumes and its export replaces the fold."""
     folder = checkpoint_folder(paths, name)
     state = read_state(folder)
-    if state is None or not state.stop_reason.startswith("no better validation Dice"):
+    if state is None or state.rounds_without_improvement < state.config["patience"]:
         return False
     drops = dict(RUNS[name].settings).get("lr-drops", COMMON["lr-drops"])
     files = [folder / f for f in (state.global_file, state.best_file) if f]

@@ -212,8 +212,9 @@ def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, m
     write_weights(paths.weights(FOLDS), folds=1, fitted=False)
     folder = study_runs.checkpoint_folder(paths, "fold0")
     folder.mkdir(parents=True)
-    config = TrainConfig.from_run_config({"base-channels": 4})
+    config = TrainConfig.from_run_config({"base-channels": 4, "patience": 10})
     state = RunState(config=config.to_run_config(), round=28, best_round=18, best_dice=0.66)
+    state.rounds_without_improvement = 10
     state.stop_reason = "no better validation Dice for 10 rounds"
     arrays = initial_arrays(config)
     save_checkpoint(folder, state, arrays, arrays)

@@ -205,9 +205,15 @@ def site_config(config: TrainConfig, lr_drops_done: int = 0) -> dict[str, Any]:
     """The part of the configuration sent to the sites each round, at the learning rate of
     the plateaus passed so far."""
     every = config.to_run_config()
-    sent = {key: every[key] for key in SITE_KEYS}
-    sent["learning-rate"] = config.learning_rate * LR_DROP**lr_drops_done
-    return sent
+    return {
+        **{key: every[key] for key in SITE_KEYS},
+        "learning-rate": learning_rate(config, lr_drops_done),
+    }
+
+
+def learning_rate(config: TrainConfig, lr_drops_done: int) -> float:
+    """The rate after ``lr_drops_done`` plateaus: ``learning-rate`` x LR_DROP per plateau."""
+    return config.learning_rate * LR_DROP**lr_drops_done
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:

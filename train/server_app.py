@@ -43,7 +43,7 @@ from train.checkpoint import (
     save_checkpoint,
     training_lock,
 )
-from train.config import TrainConfig, site_config
+from train.config import TrainConfig, learning_rate, site_config
 from train.export import export_fold
 from train.strategy import (
     SITE_KEY,
@@ -118,29 +118,17 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
 
 
 def send_training(
-    grid: Grid,
-    strategy: Strategy,
-    config: TrainConfig,
-    server_round: int,
-    arrays: ArrayRecord,
-    settings: ConfigRecord,
-) -> tuple[list[Message], list[Message]]:
-    """Ask the sites to train from ``arrays``; the messages sent and the sites' replies."""
-    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
-    return messages, list(grid.send_and_receive(messages, timeout=config.round_timeout))
+    grid: Grid, messages: list[Message], config: TrainConfig, server_round: int, arrays: ArrayRecord
+) -> list[Message]:
+    """Send the sites their training ``messages``; their replies."""
+    return list(grid.send_and_receive(messages, timeout=config.round_timeout))
 
 
 def secure_training(
-    grid: Grid,
-    strategy: Strategy,
-    config: TrainConfig,
-    server_round: int,
-    arrays: ArrayRecord,
-    settings: ConfigRecord,
-) -> tuple[list[Message], list[Message]]:
+    grid: Grid, messages: list[Message], config: TrainConfig, server_round: int, arrays: ArrayRecord
+) -> list[Message]:
     """The same through Flower's SecAgg+: each reply carries the site's metrics and the
     securely aggregated model, never the site's own (see :class:`SecAggPlusBridge`)."""
-    messages = list(strategy.configure_train(server_round, arrays, settings, grid))
     bridge = SecAggPlusBridge(messages, grid)
     context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=bridge)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -154,7 +142,7 @@ def secure_training(
         timeout=config.round_timeout,
     )
     workflow(grid, context)
-    return messages, bridge.replies
+    return bridge.replies
 
 
 def play_round(
@@ -167,11 +155,10 @@ def play_round(
 ) -> tuple[dict[str, np.ndarray], dict]:
     """One FedAvg round and its validation; returns the new global model and the round's record."""
     start = time.monotonic()
-    settings = site_config(config, lr_drops_done)
+    settings, sent = site_config(config, lr_drops_done), to_record(arrays)
+    messages = list(strategy.configure_train(server_round, sent, ConfigRecord(settings), grid))
     train = secure_training if config.secagg else send_training
-    messages, replies = train(
-        grid, strategy, config, server_round, to_record(arrays), ConfigRecord(settings)
-    )
+    replies = train(grid, messages, config, server_round, sent)
     trained = time.monotonic()
     averaged, train_metrics = strategy.aggregate_train(server_round, replies)
     if averaged is None:
@@ -342,16 +329,15 @@ def _train_fold(grid: Grid, config: TrainConfig, directory: Path) -> RunState:
                 config.fold,
                 config.patience,
                 state.best_round,
-                site_config(config, state.lr_drops_done)["learning-rate"],
+                learning_rate(config, state.lr_drops_done),
             )
         arrays, record = play_round(
             grid, strategy, config, state.round + 1, arrays, state.lr_drops_done
         )
         improved = update_state(state, record)
         best = arrays if improved else best
-        paused = not finished(state, config) and pause_requested(
-            directory
-        )  # a finished run exports
+        # A finished run exports, whatever was asked.
+        paused = not finished(state, config) and pause_requested(directory)
         state.stop_reason = PAUSED if paused else ""
         save_checkpoint(directory, state, arrays, arrays if improved else None)
         log.info(
