@@ -117,18 +117,12 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
     return problems + [f"{name} did not reply within round-timeout" for name in silent]
 
 
-def send_training(
-    grid: Grid, messages: list[Message], config: TrainConfig, server_round: int, arrays: ArrayRecord
-) -> list[Message]:
-    """Send the sites their training ``messages``; their replies."""
-    return list(grid.send_and_receive(messages, timeout=config.round_timeout))
-
-
 def secure_training(
     grid: Grid, messages: list[Message], config: TrainConfig, server_round: int, arrays: ArrayRecord
 ) -> list[Message]:
-    """The same through Flower's SecAgg+: each reply carries the site's metrics and the
-    securely aggregated model, never the site's own (see :class:`SecAggPlusBridge`)."""
+    """The sites' replies to their training ``messages`` through Flower's SecAgg+: each reply
+    carries the site's metrics and the securely aggregated model, never the site's own (see
+    :class:`SecAggPlusBridge`)."""
     bridge = SecAggPlusBridge(messages, grid)
     context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=bridge)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -157,8 +151,10 @@ def play_round(
     start = time.monotonic()
     settings, sent = site_config(config, lr_drops_done), to_record(arrays)
     messages = list(strategy.configure_train(server_round, sent, ConfigRecord(settings), grid))
-    train = secure_training if config.secagg else send_training
-    replies = train(grid, messages, config, server_round, sent)
+    if config.secagg:
+        replies = secure_training(grid, messages, config, server_round, sent)
+    else:
+        replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     trained = time.monotonic()
     averaged, train_metrics = strategy.aggregate_train(server_round, replies)
     if averaged is None:
