@@ -3,6 +3,7 @@
     python -m study data                    # phantom federations and the two test sets
     python -m study train fold0             # one run of study.runs.RUNS (resumes)
     python -m study park [fold0 ...]        # pause after the round, fp16 checkpoints to commit
+    python -m study progress [--pilots]     # each run's rounds, best validation, hours
     python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
     python -m study evaluate                # Tables 1-3 -> results/results.md, curves
     python -m study pilot                   # the pilots: data family and learning rate
@@ -21,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from study import postprocessing, restore, ship, tables
+from study import postprocessing, progress, restore, ship, tables
 from study.data import make_data
 from study.paths import StudyPaths
 from study.runs import PILOTS, RUNS, park, train, unfinished
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands.add_parser("train").add_argument("run", choices=sorted(RUNS))
     parking = commands.add_parser("park", help="default: every unfinished run with a checkpoint")
     parking.add_argument("runs", nargs="*", type=run_name, metavar="RUN")
+    commands.add_parser("progress").add_argument(
+        "--pilots", action="store_true", help="the pilots' runs too"
+    )
     commands.add_parser("postprocess").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("evaluate")
     commands.add_parser("pilot")
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "park":
         for run in args.runs or unfinished(paths):
             print(" ".join(str(path) for path in park(paths, run)))
+    if args.command == "progress":
+        print(progress.progress(paths, args.pilots))
     if args.command in ("postprocess", "all"):
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
     if args.command in ("evaluate", "all"):

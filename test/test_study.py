@@ -190,6 +190,40 @@ def test_park_pauses_a_run_and_prints_its_fp16_checkpoint_to_commit(tmp_path, ca
         main(["--root", str(tmp_path), "park", "fold2"])
 
 
+def test_progress_tells_each_run_apart_from_its_state_and_lock(tmp_path, capsys):
+    # A study spans sessions: which runs are done, which one trains now, which one waits.
+    from train.checkpoint import PAUSED, training_lock
+
+    paths = StudyPaths.at(tmp_path)
+    write_weights(paths.weights(FOLDS), folds=1, fitted=False)  # fold 0 exported
+    seconds = {0: [500.0] * 2 + [300.0] * 10, 1: [400.0, 200.0, 300.0], 2: [360.0]}
+    for fold, rounds in seconds.items():
+        folder = study_runs.checkpoint_folder(paths, f"fold{fold}")
+        folder.mkdir(parents=True)
+        state = RunState(config={}, round=len(rounds), best_round=1, best_dice=0.5)
+        state.best_metrics = {"dice": 0.5, "cldice": 0.6, "clre": 0.7}
+        state.history = [{"round": r + 1, "seconds": s} for r, s in enumerate(rounds)]
+        state.training_seconds = sum(rounds)
+        state.stop_reason = PAUSED if fold == 1 else ""
+        write_state(folder, state)
+    with training_lock(study_runs.checkpoint_folder(paths, "fold2")):
+        assert main(["--root", str(tmp_path), "progress"]) == 0
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ")
+    }
+    assert rows["fold0"][1:3] == ["done", "12"] and rows["fold0"][9] == "300 |"
+    assert rows["fold1"][1:3] == ["paused", "3"] and rows["fold1"][9] == "300 |"
+    assert rows["fold2"][1] == "training" and rows["fold2"][4:7] == ["0.500", "0.600", "0.700"]
+    assert rows["fold3"][1:3] == ["not started", "0"]
+    assert "pilot-reference" not in rows  # the pilots only with --pilots
+    assert main(["--root", str(tmp_path), "progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| fold2 | interrupted |" in out  # no process, no pause: train resumes it
+    assert "1 of 16 runs done; 1.5 h of training so far" in out  # 4000 + 900 + 360 s
+
+
 def test_a_run_whose_fold_is_exported_is_not_trained_again(tmp_path, capsys):
     # A fresh clone holds a finished fold's weights, not its checkpoints: training it again
     # would cost hours and replace the committed fold.

@@ -179,6 +179,19 @@ def training_lock(directory: Path) -> Iterator[None]:
         yield
 
 
+def is_training(directory: Path) -> bool:
+    """Whether a process holds the training lock of ``directory`` now."""
+    if not (directory / LOCK).is_file():
+        return False
+    with open(directory / LOCK, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
 def pause_requested(directory: Path) -> bool:
     """True once, when a ``PAUSE`` file asks the run to stop after this round."""
     try:
