@@ -30,13 +30,12 @@ COLUMNS = (
 
 
 def status(paths: StudyPaths, name: str, state: RunState | None) -> str:
-    """done (its fold exported), training (a process holds its lock), paused, interrupted
+    """training (a process holds its lock), done (its fold exported), paused, interrupted
     (a state but no process and no pause: ``python -m study train`` resumes it), not started."""
-    folder = checkpoint_folder(paths, name)
+    if is_training(checkpoint_folder(paths, name)):  # also a done fold trained further
+        return "training"
     if RUNS[name].fold in exported_folds(paths.weights(folder_of(name))):
         return "done"
-    if is_training(folder):
-        return "training"
     if state is None:
         return "not started"
     return "paused" if state.stop_reason == PAUSED else "interrupted"
