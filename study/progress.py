@@ -50,7 +50,7 @@ def row(paths: StudyPaths, name: str, state: RunState | None) -> list[str]:
     return cells + [
         str(state.round),
         str(state.best_round),
-        f"{best.get('dice', state.best_dice):.3f}",
+        f"{state.best_dice:.3f}",
         f"{best['cldice']:.3f}" if "cldice" in best else "-",
         f"{best['clre']:.3f}" if "clre" in best else "-",
         str(state.lr_drops_done),

@@ -183,13 +183,11 @@ def is_training(directory: Path) -> bool:
     """Whether a process holds the training lock of ``directory`` now."""
     if not (directory / LOCK).is_file():
         return False
-    with open(directory / LOCK, "a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-    return False
+    try:
+        with training_lock(directory):
+            return False
+    except ValueError:  # training_lock's refusal: another process holds it
+        return True
 
 
 def pause_requested(directory: Path) -> bool:
