@@ -4,6 +4,7 @@
     python -m study train fold0             # one run of study.runs.RUNS (resumes)
     python -m study park [fold0 ...]        # pause after the round, fp16 checkpoints to commit
     python -m study progress [--pilots]     # each run's rounds, best validation, hours
+    python -m study levels                  # where each normalisation puts the vessels
     python -m study postprocess fold0       # choose the folds' cleaning -> postprocessing.json
     python -m study evaluate                # Tables 1-3 -> results/results.md, curves
     python -m study pilot                   # the pilots: data family and learning rate
@@ -22,8 +23,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from study import postprocessing, progress, restore, ship, tables
-from study.data import make_data
+from study import levels, postprocessing, progress, restore, ship, tables
+from study.data import EVALUATION_SETS, make_data
 from study.paths import StudyPaths
 from study.runs import PILOTS, RUNS, park, train, unfinished
 
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands.add_parser("progress").add_argument(
         "--pilots", action="store_true", help="the pilots' runs too"
     )
+    commands.add_parser("levels")
     commands.add_parser("postprocess").add_argument("run", choices=sorted(RUNS))
     commands.add_parser("evaluate")
     commands.add_parser("pilot")
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             print(" ".join(str(path) for path in park(paths, run)))
     if args.command == "progress":
         print(progress.progress(paths, args.pilots))
+    if args.command == "levels":
+        sites = sorted((paths.data / "federation").glob("site*"))
+        sets = {f"training {site.name}": site for site in sites}
+        sets |= {label: paths.data / folder for label, folder in EVALUATION_SETS.items()}
+        print(levels.levels(sets))
     if args.command in ("postprocess", "all"):
         print(postprocessing.determine(paths, getattr(args, "run", "fold0")))
     if args.command in ("evaluate", "all"):

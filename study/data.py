@@ -6,8 +6,10 @@ same sites and seeds drawn by the reference generator (for the pilot); ``test``:
 set of the reference family (seed 9000, three cases from each of sites a, b, c and three from
 site d, whose acquisition settings no training run sees); ``independent``: the independent
 family (other code, another model of anatomy and imaging, seed 4242, never trained or tuned
-on). ``pooled/`` puts every site's cases into one dataset (centralised training) and
-``siteK-alone/`` holds site K only; both link to the federation's files.
+on); ``independent-coil``: the same cases with a coil pack beside the vessels (metal must not
+set the normalisation's anchor). ``pooled/`` puts every site's cases into one dataset
+(centralised training) and ``siteK-alone/`` holds site K only; both link to the federation's
+files.
 
 Table 4 (partially labelled sites): the same federation with :data:`PARTIAL_SITE` labelled
 otherwise (:data:`PARTIAL_FEDERATIONS`: ``major`` with the ignore label, the same written
@@ -25,6 +27,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
 from inference.backend_base import available_cpus
 from phantoms.dataset import FAMILY_VERSIONS
 from study.paths import REPOSITORY, StudyPaths
@@ -40,7 +46,11 @@ PARTIAL_FEDERATIONS = {
     "federation-major-naive": ("major", "--naive"),
     "federation-sparse": ("sparse",),
 }
-EVALUATION_SETS = {"held-out": "test", "independent": "independent"}
+EVALUATION_SETS = {
+    "held-out": "test",
+    "independent": "independent",
+    "independent, coil": "independent-coil",
+}
 """Label of each scored set -> its folder under ``data/`` (``input/`` + ``ground_truth/``)."""
 
 
@@ -90,6 +100,8 @@ def make_data(paths: StudyPaths) -> None:
     with ThreadPoolExecutor(max(1, min(len(jobs), available_cpus()))) as pool:
         for future in [pool.submit(job) for job in jobs]:
             future.result()  # a failure stops the study
+    if not (data / "independent-coil").exists():
+        _coiled_set(data / "independent", data / "independent-coil")
     sites = sorted(p for p in federation.iterdir() if (p / "imagesTr").is_dir())
     _link_views(data, sites)
 
@@ -130,6 +142,40 @@ def _flat_test_set(data: Path) -> None:
         for file in sorted(staging.glob(f"site*/{part}/*")):
             file.rename(data / "test" / part / file.name)
     shutil.rmtree(staging)
+
+
+COIL_RADIUS = 8
+"""Voxels: a 3.6 mm coil pack, about 0.1 % of a 128^3 volume (below the 0.5 % of the
+normalisation's bound, above the 0.01 % of its anchor); an eighth of a smaller volume."""
+
+
+def _coiled_set(independent: Path, out: Path) -> None:
+    """Each independent case with a platinum coil pack: a ball of :data:`COIL_RADIUS` at four
+    times the case's brightest voxel, blurred like the scanner (sigma 1 voxel), inside the head
+    and as far from the vessels as the volume allows, up to 6 voxels beyond its radius (the
+    labels stay as they are; a link to them)."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "input").mkdir(parents=True)
+    for index, path in enumerate(sorted((independent / "input").glob("*_0000.nii.gz"))):
+        image = sitk.ReadImage(str(path))
+        voxels = sitk.GetArrayFromImage(image).astype(np.float32)
+        truth = independent / "ground_truth" / path.name.replace("_0000", "")
+        vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) > 0
+        radius = min(COIL_RADIUS, min(voxels.shape) // 8)
+        clearance = ndimage.distance_transform_edt(~vessels) * (voxels > np.median(voxels))
+        inner = tuple(slice(radius + 4, n - radius - 4) for n in voxels.shape)
+        room = clearance[inner]
+        candidates = np.argwhere(room >= min(radius + 6, room.max())) + radius + 4
+        centre = candidates[np.random.default_rng(index).integers(len(candidates))]
+        grid = np.ogrid[tuple(slice(0, n) for n in voxels.shape)]
+        ball = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)) <= radius**2
+        voxels += ndimage.gaussian_filter(ball.astype(np.float32), 1.0) * 4 * voxels.max()
+        coiled = sitk.GetImageFromArray(np.clip(voxels, -32768, 32767).astype(np.int16))
+        coiled.CopyInformation(image)
+        sitk.WriteImage(coiled, str(staging / "input" / path.name), useCompression=True)
+    (staging / "ground_truth").symlink_to(os.path.relpath(independent / "ground_truth", staging))
+    staging.rename(out)
 
 
 def _link_views(data: Path, sites: list[Path]) -> None:

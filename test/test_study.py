@@ -2,10 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 from helpers import write_weights
 from PIL import Image
+from scipy import ndimage
 
 from model.weights import load_manifest
 from postprocess import CleaningSettings
@@ -55,6 +57,19 @@ def test_study_data_views_link_the_federation_and_hold_out_other_seeds(tiny_stud
     assert seeds[0] == seeds[1]
     independent = sorted(p.name for p in (data / "independent" / "input").iterdir())
     assert independent == ["case_000_0000.nii.gz", "case_001_0000.nii.gz"]
+    # the same cases with a coil pack: a bright ball added, every other voxel kept, same labels
+    coil = data / "independent-coil"
+    assert sorted(p.name for p in (coil / "input").iterdir()) == independent
+    assert (coil / "ground_truth").resolve() == (data / "independent" / "ground_truth").resolve()
+    for name in independent:
+        plain, coiled = (
+            sitk.GetArrayFromImage(sitk.ReadImage(str(d / "input" / name))).astype(np.float32)
+            for d in (data / "independent", coil)
+        )
+        added = coiled - plain
+        assert 3 * plain.max() < coiled.max() <= 32767
+        assert 0.004 < np.mean(added > plain.max()) < 0.03  # a ball of radius 4 in 32^3
+        assert np.mean(added == 0) > 0.9 and added.min() >= 0
     # Table 4: the same images, only the partially labelled site's labels differ
     site = study_data.PARTIAL_SITE
     for view, ignore in (("major", True), ("major-naive", False), ("sparse", True)):
@@ -334,3 +349,27 @@ def test_restore_adds_what_is_missing_and_keeps_what_trained_further(tmp_path, c
     assert json.loads((here / "runs/folds/train/fold3/state.json").read_text())["round"] == 4
     assert not (here / "runs/folds/train/fold4").exists()
     assert "fold4: not yet (global-r0002.safetensors not returned yet" in report
+
+
+def test_levels_show_where_each_normalisation_puts_vessels_brighter_than_bone(tmp_path):
+    """A tube brighter than everything, 3 % of the volume, written as NIfTI: at the 99.5th
+    percentile its core is clipped flat at 1; the default anchor clips none of it. The command
+    prints a row per normalisation and set."""
+    from study import levels
+
+    rng = np.random.default_rng(1)
+    z, y, x = np.mgrid[:40, :40, :40]
+    tube = (((y - 20.0) ** 2 + (x - 20.0) ** 2) <= 16).astype(np.float32)
+    image = 100 + 300 * ndimage.gaussian_filter(tube, 0.8) + rng.normal(0, 3, tube.shape)
+    for part, array in (("input", image.astype(np.int16)), ("ground_truth", tube.astype(np.uint8))):
+        (tmp_path / part).mkdir()
+        name = "case_0000.nii.gz" if part == "input" else "case.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / part / name))
+    legacy, default = (levels.set_levels(tmp_path, n)[0] for n in levels.NORMALIZATIONS.values())
+    core, rim, thin, clipped = range(4)
+    assert legacy[clipped] > 0.15 and legacy[core] > 0.99
+    assert default[clipped] == 0 and 0.7 < default[core] < 1.0
+    assert 0 < default[rim] < default[core] / 2
+    assert np.isnan(default[thin])  # no vessel thinner than 1.5 voxels
+    table = levels.levels({"tube": tmp_path})
+    assert table.count("| tube |") == 2 and "99.5th percentile, clipped at 1" in table

@@ -29,7 +29,7 @@ from flwr.app import (
 )
 from safetensors.numpy import load as safetensors_load
 
-from inference.preprocessing import normalize
+from inference.preprocessing import DEFAULT_NORMALIZATION, normalize
 from model.weights import WeightError, load_fold, load_manifest
 from phantoms.generator import generate_volume
 from train.checkpoint import (
@@ -229,7 +229,7 @@ def test_level_augmentation_moves_vessels_and_tissue_as_other_normalisations_do(
     assert max(vessel_levels) > min(0.95, 2 * np.median(image[vessels]))
     tissue_levels = [float(np.median(d[tissue])) for d in draws]
     assert 0.1 < np.mean(np.array(tissue_levels) > np.median(image[tissue]) + 0.05) < 0.4
-    assert all(d.min() >= 0 and d.max() <= 1 for d in draws)
+    assert all(d.min() >= 0 and d.max() <= max(1, image.max()) for d in draws)
     order = np.argsort(image.ravel(), kind="stable")
     assert all((np.diff(d.ravel()[order]) >= -1e-6).all() for d in draws)  # monotone
     case = Case("c", image, phantom.label > 0, np.flatnonzero(phantom.label))
@@ -373,7 +373,7 @@ def test_site_data_is_preprocessed_like_inference(tmp_path):
     image_path, label_path = list_cases(tmp_path)["a"]
     case = load_case("a", image_path, label_path, (0.227,) * 3)
     assert case.image.shape == case.label.shape == (32, 40, 48)  # resampled to 0.227 mm
-    assert case.image.min() >= 0.0 and case.image.max() <= 1.0  # percentile normalisation
+    assert case.image.min() >= 0.0 and case.image.max() <= DEFAULT_NORMALIZATION["upper_clip"]
     assert case.label.any() and np.array_equal(np.flatnonzero(case.label), case.foreground)
 
 
@@ -519,6 +519,12 @@ def test_checkpoint_resumes_and_refuses_another_run(tmp_path):
     assert load_checkpoint(tmp_path, config)[0].round == 3
     with pytest.raises(ValueError, match="init-weights '' -> 'x.safetensors'"):
         load_checkpoint(tmp_path, config.replace(init_weights="x.safetensors"))
+    # A run whose sites normalised otherwise (here: written before the state recorded it, when
+    # normalisation clipped at 1) is another run: its model reads other input levels.
+    del saved["normalization"]
+    (tmp_path / "state.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="normalization .*'upper_clip': 4.0"):
+        load_checkpoint(tmp_path, config)
 
 
 FIRST_WEIGHT = "encoders.0.0.weight"

@@ -33,6 +33,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from inference.preprocessing import DEFAULT_NORMALIZATION
 from model.weights import write_atomically
 from train.config import TrainConfig
 
@@ -57,6 +58,16 @@ RESUMABLE = {
 }
 
 
+LEGACY_NORMALIZATION = {
+    "scheme": "percentile",
+    "lower_percentile": 50.0,
+    "upper_percentile": 99.5,
+    "exclude_fill": True,
+    "exclude_air": True,
+}
+"""What a state written before it recorded its normalisation trained with."""
+
+
 @dataclass
 class RunState:
     """Where a fold's training stands; everything JSON."""
@@ -74,6 +85,9 @@ class RunState:
     global_file: str = ""
     best_file: str = ""
     stop_reason: str = ""
+    # How the sites normalised the images the run trained on (states written before the field
+    # existed normalised with the default of that time, which clipped at 1)
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
 
 
 def fold_dir(config: TrainConfig) -> Path:
@@ -136,8 +150,12 @@ def load_checkpoint(
         for key in set(current) | set(saved)
         if key not in RESUMABLE and current.get(key) != saved.get(key)
     )
+    if normalizes_differently(state.normalization, DEFAULT_NORMALIZATION):
+        differing.append("normalization")
     if differing:
-        details = ", ".join(f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+        settings = {**saved, "normalization": state.normalization}
+        now = {**current, "normalization": DEFAULT_NORMALIZATION}
+        details = ", ".join(f"{k} {settings.get(k)!r} -> {now.get(k)!r}" for k in differing)
         raise ValueError(
             f"{directory}: holds a run with other settings ({details}); "
             "choose another run-dir or delete this one to start afresh"
@@ -146,6 +164,12 @@ def load_checkpoint(
     global_arrays = load_arrays(directory / state.global_file)
     best_arrays = load_arrays(directory / state.best_file) if state.best_file else None
     return state, global_arrays, best_arrays
+
+
+def normalizes_differently(a: dict, b: dict) -> bool:
+    """Whether two normalisation settings give different voxels (``upper_clip`` defaults to 1,
+    as :func:`inference.preprocessing.normalize` reads it)."""
+    return {"upper_clip": 1.0, **a} != {"upper_clip": 1.0, **b}
 
 
 def write_state(directory: Path, state: RunState) -> None:
@@ -165,6 +189,7 @@ def read_state(directory: Path) -> RunState | None:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
     if data.pop("format", None) != FORMAT:
         raise ValueError(f"{path}: not a training state of format {FORMAT}")
+    data.setdefault("normalization", LEGACY_NORMALIZATION)
     return RunState(**data)
 
 

@@ -1,0 +1,74 @@
+"""Where the normalisation puts the vessels: the network's input levels, set by set.
+
+A model learns a vessel's wall at the input levels it was trained on. When a normalisation
+puts another family's vessels at other levels (its upper anchor lying on vessels rather than
+on bone, say), the walls move. For every case of a set this reads the image and its truth,
+normalises the image as training and inference do, and measures, per case: the median level
+of the vessel cores (at least 2 voxels deep in vessels of radius 2 or more), of the first voxel
+outside their walls, and of thin vessels (radius under 1.5 voxels), and the share of vessel
+voxels clipped at the top. The table gives the median over cases and, in brackets, the 10th
+and 90th percentiles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from inference.preprocessing import DEFAULT_NORMALIZATION, normalize
+from train.checkpoint import LEGACY_NORMALIZATION
+
+NORMALIZATIONS = {
+    "99.5th percentile, clipped at 1": LEGACY_NORMALIZATION,
+    "default (bounded 99.99th, clipped at 4)": DEFAULT_NORMALIZATION,
+}
+MEASURES = ("vessel core", "first voxel outside", "thin vessels", "clipped share")
+
+
+def case_levels(image: np.ndarray, vessels: np.ndarray, parameters: dict) -> list[float]:
+    """:data:`MEASURES` of one case (NaN where it has no such vessels)."""
+    levels = normalize(image.astype(np.float32), parameters)
+    depth = ndimage.distance_transform_edt(vessels)
+    outside, nearest = ndimage.distance_transform_edt(~vessels, return_indices=True)
+    radius = ndimage.grey_dilation(depth, size=(5, 5, 5))  # the local vessel's radius
+    radius = np.where(vessels, radius, radius[tuple(nearest)])
+    top = parameters.get("upper_clip", 1.0)
+    regions = (
+        (radius >= 2) & (depth >= 2),
+        (radius >= 2) & (outside == 1),
+        vessels & (radius < 1.5),
+    )
+    medians = [float(np.median(levels[r])) if r.any() else np.nan for r in regions]
+    return medians + [float(np.mean(levels[vessels] >= top * (1 - 1e-6)))]
+
+
+def set_levels(folder: Path, parameters: dict) -> np.ndarray:
+    """(cases, measures) for the ``input/`` + ``ground_truth/`` or ``imagesTr/`` +
+    ``labelsTr/`` folder."""
+    rows = []
+    for truth in sorted([*folder.glob("ground_truth/*.nii.gz"), *folder.glob("labelsTr/*.nii.gz")]):
+        stem = truth.name.removesuffix(".nii.gz")
+        image = next(folder.glob(f"*/{stem}_0000.nii.gz"))
+        voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+        vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) == 1
+        rows.append(case_levels(voxels, vessels, parameters))
+    return np.array(rows, dtype=float)
+
+
+def levels(sets: dict[str, Path]) -> str:
+    """A Markdown table: one row per normalisation and set."""
+    lines = ["| normalisation | set | " + " | ".join(MEASURES) + " |"]
+    lines.append("|---|---|" + "---|" * len(MEASURES))
+    for name, parameters in NORMALIZATIONS.items():
+        for label, folder in sets.items():
+            values = set_levels(folder, parameters)
+            cells = [
+                f"{np.nanmedian(v):.2f} "
+                f"({np.nanpercentile(v, 10):.2f}-{np.nanpercentile(v, 90):.2f})"
+                for v in values.T
+            ]
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
