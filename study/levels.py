@@ -7,7 +7,7 @@ normalises the image as training and inference do, and measures, per case: the m
 of the vessel cores (at least 2 voxels deep in vessels of radius 2 or more), of the first voxel
 outside their walls, and of thin vessels (radius under 1.5 voxels), and the share of vessel
 voxels clipped at the top. The table gives the median over cases and, in brackets, the 10th
-and 90th percentiles.
+and 90th percentiles, and in how many cases the upper anchor's bound (against metal) binds.
 """
 
 from __future__ import annotations
@@ -18,19 +18,20 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.preprocessing import DEFAULT_NORMALIZATION, normalize
+from inference.preprocessing import DEFAULT_NORMALIZATION, intensity_anchors, normalize
 from train.checkpoint import LEGACY_NORMALIZATION
 
 NORMALIZATIONS = {
     "99.5th percentile, clipped at 1": LEGACY_NORMALIZATION,
     "default (bounded 99.99th, clipped at 4)": DEFAULT_NORMALIZATION,
 }
-MEASURES = ("vessel core", "first voxel outside", "thin vessels", "clipped share")
+MEASURES = ("vessel core", "first voxel outside", "thin vessels", "clipped share", "bound binds")
 
 
 def case_levels(image: np.ndarray, vessels: np.ndarray, parameters: dict) -> list[float]:
-    """:data:`MEASURES` of one case (NaN where it has no such vessels)."""
-    levels = normalize(image.astype(np.float32), parameters)
+    """:data:`MEASURES` of one case (NaN where it has no such vessels; 1 where the bound binds)."""
+    image = image.astype(np.float32)
+    levels = normalize(image, parameters)
     depth = ndimage.distance_transform_edt(vessels)
     outside, nearest = ndimage.distance_transform_edt(~vessels, return_indices=True)
     radius = ndimage.grey_dilation(depth, size=(5, 5, 5))  # the local vessel's radius
@@ -42,7 +43,9 @@ def case_levels(image: np.ndarray, vessels: np.ndarray, parameters: dict) -> lis
         vessels & (radius < 1.5),
     )
     medians = [float(np.median(levels[r])) if r.any() else np.nan for r in regions]
-    return medians + [float(np.mean(levels[vessels] >= top * (1 - 1e-6)))]
+    unbounded = {k: v for k, v in parameters.items() if not k.startswith("upper_bound")}
+    binds = intensity_anchors(image, parameters) != intensity_anchors(image, unbounded)
+    return medians + [float(np.mean(levels[vessels] >= top * (1 - 1e-6))), float(binds)]
 
 
 def set_levels(folder: Path, parameters: dict) -> np.ndarray:
@@ -68,7 +71,8 @@ def levels(sets: dict[str, Path]) -> str:
             cells = [
                 f"{np.nanmedian(v):.2f} "
                 f"({np.nanpercentile(v, 10):.2f}-{np.nanpercentile(v, 90):.2f})"
-                for v in values.T
+                for v in values.T[:-1]
             ]
+            cells.append(f"{int(values[:, -1].sum())} of {len(values)}")
             lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

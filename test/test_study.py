@@ -9,6 +9,7 @@ from helpers import write_weights
 from PIL import Image
 from scipy import ndimage
 
+from inference.preprocessing import DEFAULT_NORMALIZATION
 from model.weights import load_manifest
 from postprocess import CleaningSettings
 from study import data as study_data
@@ -366,10 +367,16 @@ def test_levels_show_where_each_normalisation_puts_vessels_brighter_than_bone(tm
         name = "case_0000.nii.gz" if part == "input" else "case.nii.gz"
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / part / name))
     legacy, default = (levels.set_levels(tmp_path, n)[0] for n in levels.NORMALIZATIONS.values())
-    core, rim, thin, clipped = range(4)
+    core, rim, thin, clipped, binds = range(5)
     assert legacy[clipped] > 0.15 and legacy[core] > 0.99
     assert default[clipped] == 0 and 0.7 < default[core] < 1.0
     assert 0 < default[rim] < default[core] / 2
     assert np.isnan(default[thin])  # no vessel thinner than 1.5 voxels
+    assert legacy[binds] == default[binds] == 0
+    coil = sitk.ReadImage(str(tmp_path / "input" / "case_0000.nii.gz"))
+    voxels = sitk.GetArrayFromImage(coil)
+    voxels[2:8, 2:8, 2:8] = 30000  # a coil pack, 0.3 % of the volume
+    sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / "input" / "case_0000.nii.gz"))
+    assert levels.set_levels(tmp_path, DEFAULT_NORMALIZATION)[0][binds] == 1
     table = levels.levels({"tube": tmp_path})
     assert table.count("| tube |") == 2 and "99.5th percentile, clipped at 1" in table
