@@ -279,7 +279,8 @@ def normalize(array: np.ndarray, parameters: dict | None = None) -> np.ndarray:
     """
     parameters = parameters or DEFAULT_NORMALIZATION
     low, high = intensity_anchors(array, parameters)
-    top = low + parameters.get("upper_clip", 1.0) * (high - low)
+    clip = parameters.get("upper_clip", 1.0)
+    top = high if clip == 1.0 else low + clip * (high - low)  # exactly as before the key
     scaled = np.clip(array, low, top, dtype=np.float32)
     scaled -= np.float32(low)
     scaled *= np.float32(1.0 / (high - low))
