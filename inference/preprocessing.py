@@ -35,6 +35,17 @@ DEFAULT_NORMALIZATION = {
     "exclude_fill": True,
     "exclude_air": True,
 }
+LEGACY_NORMALIZATION = {
+    "scheme": "percentile",
+    "lower_percentile": 50.0,
+    "upper_percentile": 99.5,
+    "exclude_fill": True,
+    "exclude_air": True,
+}
+"""The default before the upper anchor was bounded: what older manifests and training states
+without their own settings were normalised with."""
+LEGACY_UPPER_CLIP = 1.0
+"""``upper_clip`` of settings older than the key."""
 AIR_VALLEY = 0.1
 """Air is set apart from tissue when the histogram between their two peaks falls below this
 share of the smaller peak. Air and soft tissue lie about 1000 HU apart and meet only at the
@@ -279,12 +290,18 @@ def normalize(array: np.ndarray, parameters: dict | None = None) -> np.ndarray:
     """
     parameters = parameters or DEFAULT_NORMALIZATION
     low, high = intensity_anchors(array, parameters)
-    clip = parameters.get("upper_clip", 1.0)
-    top = high if clip == 1.0 else low + clip * (high - low)  # exactly as before the key
+    clip = parameters.get("upper_clip", LEGACY_UPPER_CLIP)
+    top = high if clip == LEGACY_UPPER_CLIP else low + clip * (high - low)  # as before the key
     scaled = np.clip(array, low, top, dtype=np.float32)
     scaled -= np.float32(low)
     scaled *= np.float32(1.0 / (high - low))
     return scaled
+
+
+def same_normalization(a: dict, b: dict) -> bool:
+    """Whether two settings give the same voxels (``upper_clip`` read as :func:`normalize`
+    reads it)."""
+    return {"upper_clip": LEGACY_UPPER_CLIP, **a} == {"upper_clip": LEGACY_UPPER_CLIP, **b}
 
 
 def intensity_anchors(array: np.ndarray, parameters: dict) -> tuple[float, float]:

@@ -32,6 +32,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from inference.backend_base import available_cpus
+from inference.naming import case_name
 from phantoms.dataset import FAMILY_VERSIONS
 from study.paths import REPOSITORY, StudyPaths
 from train.data import dataset_description
@@ -157,10 +158,10 @@ def _coiled_set(independent: Path, out: Path) -> None:
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     (staging / "input").mkdir(parents=True)
-    for index, path in enumerate(sorted((independent / "input").glob("*_0000.nii.gz"))):
+    for index, path in enumerate(sorted((independent / "input").glob("*.nii.gz"))):
         image = sitk.ReadImage(str(path))
         voxels = sitk.GetArrayFromImage(image).astype(np.float32)
-        truth = independent / "ground_truth" / path.name.replace("_0000", "")
+        truth = independent / "ground_truth" / f"{case_name(path)}.nii.gz"
         vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) > 0
         radius = min(COIL_RADIUS, min(voxels.shape) // 8)
         clearance = ndimage.distance_transform_edt(~vessels) * (voxels > np.median(voxels))

@@ -18,8 +18,14 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from inference.preprocessing import DEFAULT_NORMALIZATION, intensity_anchors, normalize
-from train.checkpoint import LEGACY_NORMALIZATION
+from inference.naming import CHANNEL_SUFFIX
+from inference.preprocessing import (
+    DEFAULT_NORMALIZATION,
+    LEGACY_NORMALIZATION,
+    LEGACY_UPPER_CLIP,
+    intensity_anchors,
+    normalize,
+)
 
 NORMALIZATIONS = {
     "99.5th percentile, clipped at 1": LEGACY_NORMALIZATION,
@@ -28,46 +34,55 @@ NORMALIZATIONS = {
 MEASURES = ("vessel core", "first voxel outside", "thin vessels", "clipped share", "bound binds")
 
 
-def case_levels(image: np.ndarray, vessels: np.ndarray, parameters: dict) -> list[float]:
-    """:data:`MEASURES` of one case (NaN where it has no such vessels; 1 where the bound binds)."""
-    image = image.astype(np.float32)
-    levels = normalize(image, parameters)
+def vessel_regions(vessels: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The vessel cores, the first voxel outside them and the thin vessels (bool masks), and
+    the vessels themselves: the regions of :data:`MEASURES`, whatever the normalisation."""
     depth = ndimage.distance_transform_edt(vessels)
     outside, nearest = ndimage.distance_transform_edt(~vessels, return_indices=True)
     radius = ndimage.grey_dilation(depth, size=(5, 5, 5))  # the local vessel's radius
     radius = np.where(vessels, radius, radius[tuple(nearest)])
-    top = parameters.get("upper_clip", 1.0)
-    regions = (
+    return (
         (radius >= 2) & (depth >= 2),
         (radius >= 2) & (outside == 1),
         vessels & (radius < 1.5),
+        vessels,
     )
-    medians = [float(np.median(levels[r])) if r.any() else np.nan for r in regions]
+
+
+def case_levels(image: np.ndarray, regions: tuple[np.ndarray, ...], parameters: dict) -> list:
+    """:data:`MEASURES` of one case (NaN where it has no such vessels; 1 where the bound binds)."""
+    image = image.astype(np.float32)
+    levels = normalize(image, parameters)
+    *shapes, vessels = regions
+    medians = [float(np.median(levels[r])) if r.any() else np.nan for r in shapes]
+    top = parameters.get("upper_clip", LEGACY_UPPER_CLIP)
     unbounded = {k: v for k, v in parameters.items() if not k.startswith("upper_bound")}
     binds = intensity_anchors(image, parameters) != intensity_anchors(image, unbounded)
     return medians + [float(np.mean(levels[vessels] >= top * (1 - 1e-6))), float(binds)]
 
 
-def set_levels(folder: Path, parameters: dict) -> np.ndarray:
-    """(cases, measures) for the ``input/`` + ``ground_truth/`` or ``imagesTr/`` +
-    ``labelsTr/`` folder."""
-    rows = []
+def set_levels(folder: Path, normalizations: dict[str, dict]) -> dict[str, np.ndarray]:
+    """(cases, measures) under each normalisation for the ``input/`` + ``ground_truth/`` or
+    ``imagesTr/`` + ``labelsTr/`` folder; each case is read and measured out once."""
+    rows: dict[str, list] = {name: [] for name in normalizations}
     for truth in sorted([*folder.glob("ground_truth/*.nii.gz"), *folder.glob("labelsTr/*.nii.gz")]):
         stem = truth.name.removesuffix(".nii.gz")
-        image = next(folder.glob(f"*/{stem}_0000.nii.gz"))
+        image = next(folder.glob(f"*/{stem}{CHANNEL_SUFFIX}.nii.gz"))
         voxels = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
-        vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) == 1
-        rows.append(case_levels(voxels, vessels, parameters))
-    return np.array(rows, dtype=float)
+        regions = vessel_regions(sitk.GetArrayFromImage(sitk.ReadImage(str(truth))) == 1)
+        for name, parameters in normalizations.items():
+            rows[name].append(case_levels(voxels, regions, parameters))
+    return {name: np.array(values, dtype=float) for name, values in rows.items()}
 
 
 def levels(sets: dict[str, Path]) -> str:
     """A Markdown table: one row per normalisation and set."""
+    measured = {label: set_levels(folder, NORMALIZATIONS) for label, folder in sets.items()}
     lines = ["| normalisation | set | " + " | ".join(MEASURES) + " |"]
     lines.append("|---|---|" + "---|" * len(MEASURES))
-    for name, parameters in NORMALIZATIONS.items():
-        for label, folder in sets.items():
-            values = set_levels(folder, parameters)
+    for name in NORMALIZATIONS:
+        for label in sets:
+            values = measured[label][name]
             cells = [
                 f"{np.nanmedian(v):.2f} "
                 f"({np.nanpercentile(v, 10):.2f}-{np.nanpercentile(v, 90):.2f})"

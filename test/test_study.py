@@ -366,7 +366,7 @@ def test_levels_show_where_each_normalisation_puts_vessels_brighter_than_bone(tm
         (tmp_path / part).mkdir()
         name = "case_0000.nii.gz" if part == "input" else "case.nii.gz"
         sitk.WriteImage(sitk.GetImageFromArray(array), str(tmp_path / part / name))
-    legacy, default = (levels.set_levels(tmp_path, n)[0] for n in levels.NORMALIZATIONS.values())
+    legacy, default = (v[0] for v in levels.set_levels(tmp_path, levels.NORMALIZATIONS).values())
     core, rim, thin, clipped, binds = range(5)
     assert legacy[clipped] > 0.15 and legacy[core] > 0.99
     assert default[clipped] == 0 and 0.7 < default[core] < 1.0
@@ -377,6 +377,6 @@ def test_levels_show_where_each_normalisation_puts_vessels_brighter_than_bone(tm
     voxels = sitk.GetArrayFromImage(coil)
     voxels[2:8, 2:8, 2:8] = 30000  # a coil pack, 0.3 % of the volume
     sitk.WriteImage(sitk.GetImageFromArray(voxels), str(tmp_path / "input" / "case_0000.nii.gz"))
-    assert levels.set_levels(tmp_path, DEFAULT_NORMALIZATION)[0][binds] == 1
+    assert levels.set_levels(tmp_path, {"default": DEFAULT_NORMALIZATION})["default"][0][binds] == 1
     table = levels.levels({"tube": tmp_path})
     assert table.count("| tube |") == 2 and "99.5th percentile, clipped at 1" in table

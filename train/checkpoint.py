@@ -33,7 +33,11 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from inference.preprocessing import DEFAULT_NORMALIZATION
+from inference.preprocessing import (
+    DEFAULT_NORMALIZATION,
+    LEGACY_NORMALIZATION,
+    same_normalization,
+)
 from model.weights import write_atomically
 from train.config import TrainConfig
 
@@ -56,16 +60,6 @@ RESUMABLE = {
     "sim-data-root",
     "val-overlap",
 }
-
-
-LEGACY_NORMALIZATION = {
-    "scheme": "percentile",
-    "lower_percentile": 50.0,
-    "upper_percentile": 99.5,
-    "exclude_fill": True,
-    "exclude_air": True,
-}
-"""What a state written before it recorded its normalisation trained with."""
 
 
 @dataclass
@@ -150,7 +144,7 @@ def load_checkpoint(
         for key in set(current) | set(saved)
         if key not in RESUMABLE and current.get(key) != saved.get(key)
     )
-    if normalizes_differently(state.normalization, DEFAULT_NORMALIZATION):
+    if not same_normalization(state.normalization, DEFAULT_NORMALIZATION):
         differing.append("normalization")
     if differing:
         settings = {**saved, "normalization": state.normalization}
@@ -164,12 +158,6 @@ def load_checkpoint(
     global_arrays = load_arrays(directory / state.global_file)
     best_arrays = load_arrays(directory / state.best_file) if state.best_file else None
     return state, global_arrays, best_arrays
-
-
-def normalizes_differently(a: dict, b: dict) -> bool:
-    """Whether two normalisation settings give different voxels (``upper_clip`` defaults to 1,
-    as :func:`inference.preprocessing.normalize` reads it)."""
-    return {"upper_clip": 1.0, **a} != {"upper_clip": 1.0, **b}
 
 
 def write_state(directory: Path, state: RunState) -> None:
