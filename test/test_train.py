@@ -29,7 +29,7 @@ from flwr.app import (
 )
 from safetensors.numpy import load as safetensors_load
 
-from inference.preprocessing import DEFAULT_NORMALIZATION, normalize
+from inference.preprocessing import DEFAULT_NORMALIZATION, LEGACY_NORMALIZATION, normalize
 from model.weights import WeightError, load_fold, load_manifest
 from phantoms.generator import generate_volume
 from train.checkpoint import (
@@ -43,7 +43,7 @@ from train.checkpoint import (
     save_checkpoint,
     training_lock,
 )
-from train.config import TrainConfig, site_config
+from train.config import NORMALIZATION_KEY, TrainConfig, site_config
 from train.data import Case, SiteDataError, list_cases, load_case, load_site
 from train.export import export_fold
 from train.folds import split_cases
@@ -744,6 +744,30 @@ def test_a_site_sends_only_model_arrays_and_scalar_metrics(federation, tmp_path)
             assert max(value.numpy().shape[2:], default=0) <= 7
             assert tuple(value.numpy().shape[-3:]) != images[0].shape
             assert np.isfinite(value.numpy()).all()
+
+
+def test_a_site_refuses_a_server_that_normalises_otherwise(federation, tmp_path):
+    """A site or server on other software would train the model on inputs at another scale."""
+    from train.client_app import app
+
+    config = tiny_config(tmp_path)
+    context = Context(1, 7, {"data-path": str(federation[0])}, RecordDict(), {})
+    settings = {**site_config(config), "server-round": 1}
+    assert json.loads(settings[NORMALIZATION_KEY]) == DEFAULT_NORMALIZATION
+    older = json.dumps(LEGACY_NORMALIZATION)
+    for sent, reason in ((older, "upper_percentile 99.99 here, 99.5 there"), (None, "sent no")):
+        changed = {**settings, NORMALIZATION_KEY: sent}
+        if sent is None:
+            del changed[NORMALIZATION_KEY]
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord(build_network(config).state_dict()),
+                "config": ConfigRecord(changed),
+            }
+        )
+        for kind in (MessageType.TRAIN, MessageType.EVALUATE):  # Flower replies with the error
+            with pytest.raises(ValueError, match=reason):
+                app(message(content, 7, kind), context)
 
 
 # --- the simulated federation ---------------------------------------------------------------

@@ -7,7 +7,8 @@ Its cases are preprocessed once into the site's cache (``$VESSEL_SEG_TRAIN_CACHE
 :mod:`train.data`) and read patch by patch, by ``$VESSEL_SEG_LOADER_WORKERS`` processes.
 A reply holds only the model's state arrays, scalar metrics (loss, scores, case counts,
 seconds spent) and the site's name and dataset fingerprint (a hash of case names and file
-sizes): no image, label or case name leaves the site.
+sizes): no image, label or case name leaves the site. A site refuses a message whose server
+normalises intensities otherwise than the site's own code (:func:`check_normalization`).
 
 With privacy switched on by the server, Flower's mods stand in front of the training:
 ``fixedclipping_mod`` bounds the site's update (differential privacy: the server adds the
@@ -42,7 +43,8 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from train.config import TrainConfig
+from inference.preprocessing import DEFAULT_NORMALIZATION, same_normalization
+from train.config import NORMALIZATION_KEY, TrainConfig
 from train.data import Site, list_cases, load_site
 from train.strategy import NAMES_KEY, SITE_KEY, SITE_PREFIX, WEIGHT_KEY
 from train.task import build_network, train_site, validate_site
@@ -100,10 +102,34 @@ def received(message: Message) -> tuple[TrainConfig, int, dict, bool]:
     whether the update is private (clipped for DP, or securely aggregated)."""
     settings = dict(message.content["config"])
     server_round = int(settings.pop("server-round", 0))
+    check_normalization(settings.pop(NORMALIZATION_KEY, None))
     private = [settings.pop(key, None) for key in (KEY_CLIPPING_NORM, PRIVATE_KEY)]
     state = message.content["arrays"].to_torch_state_dict()
     config = TrainConfig.from_run_config(settings)
     return config, server_round, state, any(v is not None for v in private)
+
+
+def check_normalization(sent: str | None) -> None:
+    """Refuse a round whose server normalises intensities otherwise than this site: a site on
+    other software would train the shared model on inputs at another scale, silently."""
+    if sent is None:
+        raise ValueError(
+            "the server sent no intensity normalization: run one software version on the "
+            "server and at every site"
+        )
+    server = json.loads(sent)
+    if same_normalization(server, DEFAULT_NORMALIZATION):
+        return
+    keys = sorted(set(server) | set(DEFAULT_NORMALIZATION))
+    differing = "; ".join(
+        f"{k} {DEFAULT_NORMALIZATION.get(k, 'unset')} here, {server.get(k, 'unset')} there"
+        for k in keys
+        if server.get(k) != DEFAULT_NORMALIZATION.get(k)
+    )
+    raise ValueError(
+        "this site normalises intensities otherwise than the server; run one software version "
+        f"on the server and at every site ({differing})"
+    )
 
 
 def reply_arrays(net: torch.nn.Module, sent: ArrayRecord, private: bool) -> ArrayRecord:

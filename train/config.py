@@ -13,9 +13,11 @@ equal).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, fields
 from typing import Any
 
+from inference.preprocessing import DEFAULT_NORMALIZATION
 from model.network import DOWNSAMPLING, UPSAMPLINGS, Architecture
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -201,13 +203,18 @@ SITE_KEYS = (
 )
 
 
+# Sent beside the settings: the server's intensity normalisation, which every site must share
+NORMALIZATION_KEY = "normalization"
+
+
 def site_config(config: TrainConfig, lr_drops_done: int = 0) -> dict[str, Any]:
     """The part of the configuration sent to the sites each round, at the learning rate of
-    the plateaus passed so far."""
+    the plateaus passed so far, with the normalisation the run records (JSON)."""
     every = config.to_run_config()
     return {
         **{key: every[key] for key in SITE_KEYS},
         "learning-rate": learning_rate(config, lr_drops_done),
+        NORMALIZATION_KEY: json.dumps(DEFAULT_NORMALIZATION, sort_keys=True),
     }
 
 
