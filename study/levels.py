@@ -5,9 +5,10 @@ puts another family's vessels at other levels (its upper anchor lying on vessels
 on bone, say), the walls move. For every case of a set this reads the image and its truth,
 normalises the image as training and inference do, and measures, per case: the median level
 of the vessel cores (at least 2 voxels deep in vessels of radius 2 or more), of the first voxel
-outside their walls, and of thin vessels (radius under 1.5 voxels), and the share of vessel
-voxels clipped at the top. The table gives the median over cases and, in brackets, the 10th
-and 90th percentiles, and in how many cases the upper anchor's bound (against metal) binds.
+outside their walls, and of thin vessels (radius under 1.5 voxels; radii by local thickness,
+as every metric of calibre), and the share of vessel voxels clipped at the top. The table
+gives the median over cases and, in brackets, the 10th and 90th percentiles, and in how many
+cases the upper anchor's bound (against metal) binds.
 """
 
 from __future__ import annotations
@@ -26,25 +27,27 @@ from inference.preprocessing import (
     intensity_anchors,
     normalize,
 )
+from metrics.thickness import small_vessels, vessels_at_least
 
 NORMALIZATIONS = {
     "99.5th percentile, clipped at 1": LEGACY_NORMALIZATION,
     "default (bounded 99.99th, clipped at 4)": DEFAULT_NORMALIZATION,
 }
+VOXELS = (1.0, 1.0, 1.0)  # calibres in voxels: the network sees voxels, not millimetres
 MEASURES = ("vessel core", "first voxel outside", "thin vessels", "clipped share", "bound binds")
 
 
 def vessel_regions(vessels: np.ndarray) -> tuple[np.ndarray, ...]:
     """The vessel cores, the first voxel outside them and the thin vessels (bool masks), and
-    the vessels themselves: the regions of :data:`MEASURES`, whatever the normalisation."""
+    the vessels themselves: the regions of :data:`MEASURES`, whatever the normalisation.
+    Calibre is local thickness (:mod:`metrics.thickness`), in voxels."""
+    wide = vessels_at_least(vessels, VOXELS, 4.0)  # radius 2 or more
     depth = ndimage.distance_transform_edt(vessels)
     outside, nearest = ndimage.distance_transform_edt(~vessels, return_indices=True)
-    radius = ndimage.grey_dilation(depth, size=(5, 5, 5))  # the local vessel's radius
-    radius = np.where(vessels, radius, radius[tuple(nearest)])
     return (
-        (radius >= 2) & (depth >= 2),
-        (radius >= 2) & (outside == 1),
-        vessels & (radius < 1.5),
+        wide & (depth >= 2),
+        (outside == 1) & wide[tuple(nearest)],
+        small_vessels(vessels, VOXELS, 3.0),  # radius under 1.5
         vessels,
     )
 

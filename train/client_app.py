@@ -127,8 +127,8 @@ def check_normalization(sent: str | None) -> None:
         if server.get(k) != DEFAULT_NORMALIZATION.get(k)
     )
     raise ValueError(
-        "this site normalises intensities otherwise than the server; run one software version "
-        f"on the server and at every site ({differing})"
+        "intensity normalization differs from the server's; run one software version on the "
+        f"server and at every site: {differing}"
     )
 
 

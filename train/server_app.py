@@ -111,7 +111,7 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
         node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         answered.add(node)
         if reply.has_error():
-            problems.append(f"{names.get(node, f'node {node}')}: {reply.error.reason[:200]}")
+            problems.append(f"{names.get(node, f'node {node}')}: {reply.error.reason[:300]}")
     nodes = dict.fromkeys(m.metadata.dst_node_id for m in messages)  # in order, once each
     silent = [names.get(node, f"node {node}") for node in nodes if node not in answered]
     return problems + [f"{name} did not reply within round-timeout" for name in silent]
