@@ -21,12 +21,18 @@ and the peak memory of a site with clinical-size cases, each against its baselin
    pages counted in each process) and proportional set (PSS, shared pages divided among
    them), besides the kernel's ``ru_maxrss`` of the process itself. Target: at most 4 GB.
    ``--validate`` adds the round's validation of the held-out cases to ``cached_warm``.
+3. The allocator: the same warm-cache round, in a process of its own, under glibc's default
+   allocator settings and under :data:`train.deploy.localhost.TRAINING_ALLOCATOR` (which every
+   Flower process of a training gets): seconds of the round, CPU seconds in the kernel, page
+   faults and peak memory, and their ratios. glibc maps every freed block above 32 MB apart
+   and hands it back to the kernel, so each step page-faults its widest feature maps in again.
 
 Prints one JSON object.
 
     python bench/bench_training.py                        # everything (an hour on 2 CPUs)
     python bench/bench_training.py --quick                # 64^3 and 96^3, 2 steps, 4 cases
     python bench/bench_training.py --device cuda --skip-memory
+    python bench/bench_training.py --quick --skip-memory --skip-steps   # the allocator alone
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from train.config import TrainConfig  # noqa: E402
 from train.data import load_site  # noqa: E402
-from train.deploy.localhost import descendants  # noqa: E402
+from train.deploy.localhost import TRAINING_ALLOCATOR, descendants  # noqa: E402
 from train.loss import positive_weight, vessel_loss  # noqa: E402
 from train.sampling import epoch_batches, loader_workers  # noqa: E402
 from train.task import autocast_dtype, build_network, fit, train_site, validate_site  # noqa: E402
@@ -271,11 +277,15 @@ def memory_child(args) -> dict:
         net = build_network(config)
         result, cases = train_site(net, site, config, 1, torch.device("cpu"), args.workers)
         trained = time.perf_counter()
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     report = {
         "load_seconds": round(loaded - start, 1),
         "train_seconds": round(trained - loaded, 1),
         "training_cases": cases,
         "steps": result.steps,
+        "user_cpu_seconds": round(sum(u.ru_utime for u in usage), 1),
+        "kernel_cpu_seconds": round(sum(u.ru_stime for u in usage), 1),
+        "page_faults": sum(u.ru_minflt + u.ru_majflt for u in usage),
         **memory.report(),
     }
     if args.validate:
@@ -290,35 +300,40 @@ def memory_child(args) -> dict:
     return report
 
 
+def child_round(
+    args, way: str, data: Path, cache: Path, validate: bool = False, env: dict | None = None
+) -> dict:
+    """:func:`memory_child`'s report of one way of training a round, in a process of its own."""
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        way,
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        "--memory-patch",
+        str(args.memory_patch),
+        "--workers",
+        str(args.workers),
+    ]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    if validate:
+        command.append("--validate")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:]}
+    return json.loads(done.stdout)
+
+
 def memory_benchmark(args, data: Path, work: Path) -> dict:
     cache = work / "memory-cache"
     shutil.rmtree(cache, ignore_errors=True)
     runs = {}
-    ways = ["in_memory", "cached_cold", "cached_warm"]
-    for way in ways:
-        command = [
-            sys.executable,
-            __file__,
-            "--memory-child",
-            way,
-            "--data",
-            str(data),
-            "--cache",
-            str(cache),
-            "--memory-patch",
-            str(args.memory_patch),
-            "--workers",
-            str(args.workers),
-        ]
-        if args.threads:
-            command += ["--threads", str(args.threads)]
-        if args.validate and way == "cached_warm":
-            command.append("--validate")
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode != 0:
-            runs[way] = {"error": done.stderr[-2000:]}
-            continue
-        runs[way] = json.loads(done.stdout)
+    for way in ("in_memory", "cached_cold", "cached_warm"):
+        runs[way] = child_round(args, way, data, cache, args.validate and way == "cached_warm")
     cached = sum(f.stat().st_size for f in cache.rglob("*.npy")) if cache.exists() else 0
     report = {
         "cases": args.cases,
@@ -334,6 +349,30 @@ def memory_benchmark(args, data: Path, work: Path) -> dict:
         report["cached_warm_vs_in_memory_pss"] = round(
             runs["cached_warm"]["peak_pss_gib"] / runs["in_memory"]["peak_pss_gib"], 3
         )
+    return report
+
+
+# --- 3. the allocator ------------------------------------------------------------------------
+
+
+def allocator_benchmark(args, data: Path, work: Path) -> dict:
+    """A warm-cache round under glibc's defaults, then under ``TRAINING_ALLOCATOR``."""
+    cache = work / "allocator-cache"
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    child_round(args, "cached_cold", data, cache, env=plain)  # builds the cache
+    runs = {
+        "glibc_default": child_round(args, "cached_warm", data, cache, env=plain),
+        "training_allocator": child_round(
+            args, "cached_warm", data, cache, env={**plain, **TRAINING_ALLOCATOR}
+        ),
+    }
+    report = {"settings": TRAINING_ALLOCATOR, "patch": args.memory_patch, **runs}
+    keys = ("train_seconds", "kernel_cpu_seconds", "page_faults", "peak_pss_gib")
+    if all("train_seconds" in run for run in runs.values()):
+        tuned, default = runs["training_allocator"], runs["glibc_default"]
+        report["training_allocator_vs_default"] = {
+            key: round(tuned[key] / max(default[key], 1e-9), 3) for key in keys
+        }
     return report
 
 
@@ -380,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-steps", action="store_true")
+    parser.add_argument("--skip-allocator", action="store_true")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -416,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_memory:
             phantom_site(data, args.cases, tuple(args.shape))
             report["memory"] = memory_benchmark(args, data, work)
+        if not args.skip_allocator:
+            phantom_site(data, args.cases, tuple(args.shape))
+            report["allocator"] = allocator_benchmark(args, data, work)
         if not args.skip_steps:
             size = max(args.patches) + 32
             steps_data = phantom_site(work / "steps", 3, (size, size, size))
