@@ -356,10 +356,12 @@ def memory_benchmark(args, data: Path, work: Path) -> dict:
 
 
 def allocator_benchmark(args, data: Path, work: Path) -> dict:
-    """A warm-cache round under glibc's defaults, then under ``TRAINING_ALLOCATOR``."""
-    cache = work / "allocator-cache"
+    """A warm-cache round under glibc's defaults, then under ``TRAINING_ALLOCATOR``; the
+    memory benchmark's cache where it ran, else one built first."""
+    cache = work / "memory-cache"
     plain = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    child_round(args, "cached_cold", data, cache, env=plain)  # builds the cache
+    if not cache.is_dir():
+        child_round(args, "cached_cold", data, cache, env=plain)
     runs = {
         "glibc_default": child_round(args, "cached_warm", data, cache, env=plain),
         "training_allocator": child_round(

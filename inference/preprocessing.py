@@ -298,10 +298,12 @@ def normalize(array: np.ndarray, parameters: dict | None = None) -> np.ndarray:
     return scaled
 
 
-def same_normalization(a: dict, b: dict) -> bool:
-    """Whether two settings give the same voxels (``upper_clip`` read as :func:`normalize`
-    reads it)."""
-    return {"upper_clip": LEGACY_UPPER_CLIP, **a} == {"upper_clip": LEGACY_UPPER_CLIP, **b}
+def normalization_differences(a: dict, b: dict) -> dict[str, tuple]:
+    """The settings in which ``a`` and ``b`` differ, as ``{key: (a's, b's)}`` (None where one
+    lacks the key; ``upper_clip`` read as :func:`normalize` reads it): empty when both give
+    the same voxels."""
+    a, b = ({"upper_clip": LEGACY_UPPER_CLIP, **x} for x in (a, b))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 def intensity_anchors(array: np.ndarray, parameters: dict) -> tuple[float, float]:

@@ -36,7 +36,7 @@ from safetensors.numpy import save as save_safetensors
 from inference.preprocessing import (
     DEFAULT_NORMALIZATION,
     LEGACY_NORMALIZATION,
-    same_normalization,
+    normalization_differences,
 )
 from model.weights import write_atomically
 from train.config import TrainConfig
@@ -144,7 +144,7 @@ def load_checkpoint(
         for key in set(current) | set(saved)
         if key not in RESUMABLE and current.get(key) != saved.get(key)
     )
-    if not same_normalization(state.normalization, DEFAULT_NORMALIZATION):
+    if normalization_differences(state.normalization, DEFAULT_NORMALIZATION):
         differing.append("normalization")
     if differing:
         settings = {**saved, "normalization": state.normalization}

@@ -43,7 +43,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from inference.preprocessing import DEFAULT_NORMALIZATION, same_normalization
+from inference.preprocessing import DEFAULT_NORMALIZATION, normalization_differences
 from train.config import NORMALIZATION_KEY, TrainConfig
 from train.data import Site, list_cases, load_site
 from train.strategy import NAMES_KEY, SITE_KEY, SITE_PREFIX, WEIGHT_KEY
@@ -117,14 +117,12 @@ def check_normalization(sent: str | None) -> None:
             "the server sent no intensity normalization: run one software version on the "
             "server and at every site"
         )
-    server = json.loads(sent)
-    if same_normalization(server, DEFAULT_NORMALIZATION):
+    differences = normalization_differences(DEFAULT_NORMALIZATION, json.loads(sent))
+    if not differences:
         return
-    keys = sorted(set(server) | set(DEFAULT_NORMALIZATION))
     differing = "; ".join(
-        f"{k} {DEFAULT_NORMALIZATION.get(k, 'unset')} here, {server.get(k, 'unset')} there"
-        for k in keys
-        if server.get(k) != DEFAULT_NORMALIZATION.get(k)
+        f"{k} {'unset' if here is None else here} here, {'unset' if there is None else there} there"
+        for k, (here, there) in differences.items()
     )
     raise ValueError(
         "intensity normalization differs from the server's; run one software version on the "
