@@ -121,13 +121,17 @@ def check_normalization(sent: str | None) -> None:
     if not differences:
         return
     differing = "; ".join(
-        f"{k} {'unset' if here is None else here} here, {'unset' if there is None else there} there"
-        for k, (here, there) in differences.items()
+        f"{k} {shown(here)} here, {shown(there)} there" for k, (here, there) in differences.items()
     )
     raise ValueError(
         "intensity normalization differs from the server's; run one software version on the "
         f"server and at every site: {differing}"
     )
+
+
+def shown(setting: object) -> str:
+    """A normalisation setting as an error message names it."""
+    return "unset" if setting is None else str(setting)
 
 
 def reply_arrays(net: torch.nn.Module, sent: ArrayRecord, private: bool) -> ArrayRecord:
