@@ -198,14 +198,15 @@ def draw_worst_case(
     data: Path, masks: dict[str, Path], picture: Path, ranked_by: str | None = None
 ) -> str:
     """MIPs of the case of the evaluation set ``data`` that ``masks[ranked_by]`` (default: the
-    first) segments worst (Dice): its truth, then each folder's mask of it -> ``picture``;
-    returns the case."""
+    first) segments worst (Dice): its truth, then each folder's mask of it drawn against the
+    truth (found, false and missed voxels) -> ``picture``; returns the case."""
     ranked = masks[ranked_by] if ranked_by else next(iter(masks.values()))
     results = case_results(ranked, data / "ground_truth")
     worst = min(results, key=lambda r: r.metrics["Dice"]).case
-    panels = [(f"{worst}: truth", data / "ground_truth" / f"{worst}.nii.gz")]
+    truth = data / "ground_truth" / f"{worst}.nii.gz"
+    panels = [(f"{worst}: truth", truth)]
     panels += [(name, folder / f"{worst}.nii.gz") for name, folder in masks.items()]
-    mip_panel(data / "input" / f"{worst}_0000.nii.gz", panels, picture)
+    mip_panel(data / "input" / f"{worst}_0000.nii.gz", panels, picture, truth)
     return worst
 
 

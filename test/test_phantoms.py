@@ -25,7 +25,7 @@ from phantoms import (
     write_dataset,
 )
 from phantoms.generator import keep_main_tree
-from phantoms.preview import GAP, auto_scale
+from phantoms.preview import GAP, auto_scale, render_preview
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "test" / "sample"
@@ -219,6 +219,19 @@ def test_command_and_preview_run_as_processes(tmp_path: Path) -> None:
         [*cmd, "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 1 and "differs" in run.stderr
+    empty = sitk.Image(sitk.ReadImage(str(label)).GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(sitk.ReadImage(str(label)))
+    sitk.WriteImage(empty, str(other))
+    cmd = [sys.executable, "-m", "phantoms.preview", str(image), "--label", str(other)]
+    run = subprocess.run(
+        [*cmd, "--truth", str(label), "--png", str(png)], cwd=REPO, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    rgb = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert (rgb[..., 2] - rgb[..., 0] > 60).any()  # an empty mask misses every vessel: blue
+    assert not (rgb[..., 0] - rgb[..., 1] > 60).any()  # and marks nothing false: no red
+    run = subprocess.run([*cmd[:4], "--truth", str(label), "--png", str(png)], cwd=REPO)
+    assert run.returncode == 2
 
 
 def test_bad_requests_fail_clearly(tmp_path: Path) -> None:
@@ -254,3 +267,20 @@ def test_bundled_sample_is_small_and_regenerates() -> None:
     )
     assert (diff > 1).mean() < 1e-3
     np.testing.assert_allclose(image.GetOrigin(), fresh_image.GetOrigin(), atol=1e-3)
+
+
+def test_preview_against_a_truth_colours_found_false_and_missed_voxels() -> None:
+    truth = np.zeros((12, 20, 30), dtype=np.uint8)
+    truth[6, 10, 2:20] = 1  # a vessel along x
+    mask = truth.copy()
+    mask[6, 10, 12:20] = 0  # its second half missed
+    mask[3, 2:5, 25:28] = 1  # a false blob apart from it
+    image = np.zeros(truth.shape, dtype=np.float32)
+    image[truth > 0] = 1.0
+    axial = np.asarray(render_preview(image, (1.0, 1.0, 1.0), mask, 1.0, truth)).astype(int)
+    found, missed, false = axial[10, 5], axial[10, 15], axial[3, 26]  # (row y, column x)
+    assert found[0] > 200 and found[1] > 150 and found[2] < 150  # yellow
+    assert missed[2] - missed[0] > 60  # blue
+    assert false[0] - false[1] > 60 and false[0] - false[2] > 60  # red
+    plain = np.asarray(render_preview(image, (1.0, 1.0, 1.0), mask, 1.0)).astype(int)
+    assert plain[10, 15, 2] - plain[10, 15, 0] < 60  # without a truth no voxel is "missed"

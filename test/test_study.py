@@ -176,6 +176,10 @@ def test_worst_case_picture_shows_the_case_the_first_masks_segment_worst(tiny_st
     tables.draw_worst_case(data, {"other": other}, single)
     heights = [Image.open(p).height for p in (single, picture)]
     assert heights[1] == pytest.approx(heights[0] * 3 / 2, abs=8)  # truth + two mask rows
+    rgb = np.asarray(Image.open(picture).convert("RGB")).astype(int)
+    blue = rgb[..., 2] - rgb[..., 0] > 60  # missed voxels, drawn against the truth
+    assert blue[heights[0] :].any()  # the last row, the ranked masks, lost half a case
+    assert not blue[: heights[0]].any()  # the truth and the other masks, which equal it
 
 
 def test_park_pauses_a_run_and_prints_its_fp16_checkpoint_to_commit(tmp_path, capsys):
