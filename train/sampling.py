@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from inference.backend_base import available_cpus
+from inference.preprocessing import DEFAULT_NORMALIZATION
 from train.data import CachedCase, Case
 
 IGNORE_TARGET = 2
@@ -163,19 +164,19 @@ def augment_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
 def augment_levels(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Where tissue and vessels land after the per-case normalisation, as other volumes put them.
 
-    The upper anchor (99.5th percentile) lies on bone in a volume with much bone, but in the
-    vessels where they are the brightest structure, so vessels land anywhere between barely
-    above tissue and the top of the range. The lower anchor (median) lies on tissue unless air
-    fills most of the field of view, which lifts tissue towards the middle. With probability
+    The upper anchor lies on bone in a volume with much bone, but in the vessels where they
+    are the brightest structure, so vessels land anywhere between barely above tissue and the
+    top of the range. The lower anchor (median) lies on tissue unless air fills most of the
+    field of view, which lifts tissue towards the middle. With probability
     :data:`LEVEL_GAIN_PROBABILITY` the patch is scaled by a gain of 1-3 (log-uniform) and
-    clipped at 1, as normalisation clips; with :data:`LEVEL_FLOOR_PROBABILITY` it is lifted
-    onto a floor of 0-0.5. A network trained so finds a vessel's edge relative to its own
-    contrast, not at a fixed level.
+    clipped where the normalisation clips (its ``upper_clip``); with
+    :data:`LEVEL_FLOOR_PROBABILITY` it is lifted onto a floor of 0-0.5. A network trained so
+    finds a vessel's edge relative to its own contrast, not at a fixed level.
     """
     image = np.array(image, dtype=np.float32)
     if rng.random() < LEVEL_GAIN_PROBABILITY:
         image *= np.float32(np.exp(rng.uniform(0.0, np.log(LEVEL_MAX_GAIN))))
-        np.minimum(image, 1.0, out=image)
+        np.minimum(image, DEFAULT_NORMALIZATION["upper_clip"], out=image)
     if rng.random() < LEVEL_FLOOR_PROBABILITY:
         floor = np.float32(rng.uniform(0.0, LEVEL_MAX_FLOOR))
         image = floor + (1 - floor) * image
