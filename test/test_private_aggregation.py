@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,27 @@ def test_secure_aggregation_hides_each_sites_model_and_still_learns(federation, 
         assert update_norm(first, rnd["sent"]) > 0
     # each site's own metrics still arrive
     assert {s["cases"] for s in state["history"][0]["train"]["sites"].values()} == {2}
+
+
+def test_secure_aggregation_goes_on_without_a_refusing_site_and_says_why(
+    federation, tmp_path, seen
+):
+    """A site that refuses to train (here an unreadable label) drops out of SecAgg+: the two
+    others still reach the threshold, their masks are removed and the round aggregates them;
+    the run records the site's own error, not silence."""
+    hospitals = tmp_path / "hospitals"
+    shutil.copytree(federation[0].parent, hospitals)
+    broken = sorted((hospitals / federation[2].name / "labelsTr").glob("*.nii.gz"))[0]
+    broken.write_bytes(b"not an image")
+    sites = [hospitals / site.name for site in federation]
+    state = simulate(sites, tmp_path, secagg=True, **{"learning-rate": 1e-3})
+    history = state["history"]
+    assert len(history) == TINY["num-rounds"]
+    for record, rnd in zip(history, seen, strict=True):
+        assert sorted(record["train"]["sites"]) == ["site1", "site2"], record["train"]
+        (problem,) = record["train"]["failures"]
+        assert problem.endswith(f"{broken}: not a readable image"), problem  # one line
+        first, other = rnd["replies"]  # the two sites' aggregate, never one site's model
+        assert all(np.array_equal(first[k], other[k]) for k in first)
+        assert update_norm(first, rnd["sent"]) > 0
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]

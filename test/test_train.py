@@ -58,7 +58,7 @@ from train.sampling import (
     make_patch,
     sample_patch,
 )
-from train.server_app import failures, initial_arrays, run_training, update_state
+from train.server_app import error_summary, failures, initial_arrays, run_training, update_state
 from train.strategy import RobustFedAvg
 from train.task import (
     autocast_dtype,
@@ -473,6 +473,23 @@ def test_fedavg_weights_by_cases_and_leaves_out_non_finite_updates(caplog, serve
     assert sorted(m.metadata.dst_node_id for m in evaluations) == [1, 2, 3, 4]
     asked = [message(RecordDict(), node) for node in (1, 2, 3, 4, 5)]
     assert failures(asked, replies, strategy.names) == ["node 5 did not reply within round-timeout"]
+
+
+def test_a_sites_error_is_reported_by_its_own_message_in_one_line():
+    """Flower wraps a ClientApp's exception (deployment: ``<class 'E'>:<'message'>``; the
+    simulation engine: Ray's whole traceback); the round's record keeps the message."""
+    problem = "/h/site3/labelsTr/a.nii.gz: not a readable image"
+    deployed = f"<class 'train.data.SiteDataError'>:<'{problem}'>"
+    assert error_summary(deployed) == f"SiteDataError: {problem}"
+    simulated = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run()\n"
+        '  File "train/data.py", line 244, in load_case\n'
+        f"train.data.SiteDataError: {problem}\n\nThe above exception was the direct cause\n"
+        "flwr.clientapp.client_app.ClientAppException: \n"
+        f"Exception ClientAppException occurred. Message: {problem}'>"
+    )
+    assert error_summary(simulated) == problem
+    assert error_summary("x" * 400) == "x" * 300
 
 
 def test_malformed_updates_are_left_out_too(serverapp_identity):

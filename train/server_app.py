@@ -14,6 +14,7 @@ as ReduceLROnPlateau does), or ``num-rounds`` rounds, it is exported to ``out-di
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,15 +104,40 @@ def site_reports(replies: list[Message], keys: tuple[str, ...]) -> dict[str, dic
     return reports
 
 
-def failures(messages: list[Message], replies: list[Message], names: dict[int, str]) -> list[str]:
-    """Why asked sites gave no usable reply (error replies, silence), by site name where known."""
+def error_summary(reason: str) -> str:
+    """A site's error reply in one line: the raised exception's message, not the transport's
+    wrapping (``<class 'E'>:<'message'>``, or Ray's traceback ending in
+    ``... occurred. Message: message'>``), at most 300 characters."""
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    last = lines[-1] if lines else reason.strip()
+    if "Message: " in last:
+        last = last.split("Message: ", 1)[1]
+    elif match := re.fullmatch(r"<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)", last):
+        last = f"{match[1]}: {match[2]}"
+    return last.removesuffix("'>")[:300]
+
+
+def failures(
+    messages: list[Message],
+    replies: list[Message],
+    names: dict[int, str],
+    errors: dict[int, str] | None = None,
+) -> list[str]:
+    """Why asked sites gave no usable reply (error replies, ``errors`` by node as SecAgg+ saw
+    them, silence), by site name where known."""
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
     answered, problems = set(), []
     for reply in replies:
         node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         answered.add(node)
         if reply.has_error():
-            problems.append(f"{names.get(node, f'node {node}')}: {reply.error.reason[:300]}")
+            problems.append(
+                f"{names.get(node, f'node {node}')}: {error_summary(reply.error.reason)}"
+            )
+    for node, reason in (errors or {}).items():
+        if node not in answered:
+            answered.add(node)
+            problems.append(f"{names.get(node, f'node {node}')}: {error_summary(reason)}")
     nodes = dict.fromkeys(m.metadata.dst_node_id for m in messages)  # in order, once each
     silent = [names.get(node, f"node {node}") for node in nodes if node not in answered]
     return problems + [f"{name} did not reply within round-timeout" for name in silent]
@@ -119,10 +145,10 @@ def failures(messages: list[Message], replies: list[Message], names: dict[int, s
 
 def secure_training(
     grid: Grid, messages: list[Message], config: TrainConfig, server_round: int, arrays: ArrayRecord
-) -> list[Message]:
+) -> tuple[list[Message], dict[int, str]]:
     """The sites' replies to their training ``messages`` through Flower's SecAgg+: each reply
     carries the site's metrics and the securely aggregated model, never the site's own (see
-    :class:`SecAggPlusBridge`)."""
+    :class:`SecAggPlusBridge`); and why sites dropped out, by node."""
     bridge = SecAggPlusBridge(messages, grid)
     context = LegacyContext(Context(0, 0, {}, RecordDict(), {}), strategy=bridge)
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
@@ -135,8 +161,8 @@ def secure_training(
         max_weight=config.secagg_max_weight,
         timeout=config.round_timeout,
     )
-    workflow(grid, context)
-    return bridge.replies
+    workflow(bridge.grid, context)
+    return bridge.replies, bridge.grid.errors
 
 
 def play_round(
@@ -151,8 +177,9 @@ def play_round(
     start = time.monotonic()
     settings, sent = site_config(config, lr_drops_done), to_record(arrays)
     messages = list(strategy.configure_train(server_round, sent, ConfigRecord(settings), grid))
+    refusals = {}
     if config.secagg:
-        replies = secure_training(grid, messages, config, server_round, sent)
+        replies, refusals = secure_training(grid, messages, config, server_round, sent)
     else:
         replies = list(grid.send_and_receive(messages, timeout=config.round_timeout))
     trained = time.monotonic()
@@ -173,7 +200,7 @@ def play_round(
             "loss": float(train_metrics["train-loss"]) if train_metrics else None,
             "learning_rate": settings["learning-rate"],
             "left_out": dict(guard(strategy).left_out),
-            "failures": failures(messages, replies, guard(strategy).names),
+            "failures": failures(messages, replies, guard(strategy).names, refusals),
             "seconds": trained - start,
         },
         "validation": {

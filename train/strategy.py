@@ -224,6 +224,26 @@ NAMES_KEY = "secagg-array-names"  # FitIns config: the model's array names, newl
 SITE_PREFIX = "site."  # FitRes metrics: the site record's fields travel under this prefix
 
 
+class ErrorNotingGrid:
+    """Flower's grid, noting each site's error reply: SecAgg+ drops a site that fails at any
+    stage and keeps only an anonymous count, so that a site's refusal would otherwise read as
+    silence."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.errors: dict[int, str] = {}
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.has_error():
+                self.errors.setdefault(reply.metadata.src_node_id, reply.error.reason)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+
 class SecAggPlusBridge(LegacyStrategy):
     """What Flower's ``SecAggPlusWorkflow`` asks of a (legacy) strategy, answered for one
     training round of a Message-API strategy.
@@ -237,7 +257,7 @@ class SecAggPlusBridge(LegacyStrategy):
 
     def __init__(self, messages: list[Message], grid: Grid) -> None:
         self.messages = {m.metadata.dst_node_id: m for m in messages}
-        self.grid = grid
+        self.grid = ErrorNotingGrid(grid)  # the workflow's grid: sites' refusals by node
         self.replies: list[Message] = []
 
     def configure_fit(self, server_round, parameters, client_manager):
