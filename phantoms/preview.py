@@ -26,7 +26,7 @@ OVERLAY_RGB = np.array([255.0, 40.0, 40.0], dtype=np.float32)
 OVERLAY_ALPHA = 0.45
 ERROR_RGB = {
     "found": np.array([255.0, 220.0, 40.0], dtype=np.float32),
-    "false": np.array([255.0, 40.0, 40.0], dtype=np.float32),
+    "false": OVERLAY_RGB,
     "missed": np.array([60.0, 120.0, 255.0], dtype=np.float32),
 }
 """Colours of a mask drawn against a reference; on a projection ray that holds several, found
@@ -147,8 +147,9 @@ def mip_panel(
     reference = None if truth is None else read_mask(truth, image)
     rows = []
     for title, path in masks:
-        against = None if path == truth else reference
-        mask = read_mask(path, image)
+        is_truth = reference is not None and path == truth  # drawn plain, read once
+        mask = reference if is_truth else read_mask(path, image)
+        against = None if is_truth else reference
         row = render_preview(volume, image.GetSpacing(), mask, auto_scale(volume.shape), against)
         ImageDraw.Draw(row).text((3, row.height - 14), title, fill=(255, 255, 0))
         rows.append(row)

@@ -219,8 +219,9 @@ def test_command_and_preview_run_as_processes(tmp_path: Path) -> None:
         [*cmd, "--png", str(png)], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert run.returncode == 1 and "differs" in run.stderr
-    empty = sitk.Image(sitk.ReadImage(str(label)).GetSize(), sitk.sitkUInt8)
-    empty.CopyInformation(sitk.ReadImage(str(label)))
+    truth = sitk.ReadImage(str(label))
+    empty = sitk.Image(truth.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(truth)
     sitk.WriteImage(empty, str(other))
     cmd = [sys.executable, "-m", "phantoms.preview", str(image), "--label", str(other)]
     run = subprocess.run(

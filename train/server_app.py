@@ -126,21 +126,25 @@ def failures(
     """Why asked sites gave no usable reply (error replies, ``errors`` by node as SecAgg+ saw
     them, silence), by site name where known."""
     asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-    answered, problems = set(), []
+    answered, reasons = set(), {}
     for reply in replies:
         node = asked.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
         answered.add(node)
         if reply.has_error():
-            problems.append(
-                f"{names.get(node, f'node {node}')}: {error_summary(reply.error.reason)}"
-            )
+            reasons[node] = reply.error.reason
     for node, reason in (errors or {}).items():
         if node not in answered:
             answered.add(node)
-            problems.append(f"{names.get(node, f'node {node}')}: {error_summary(reason)}")
+            reasons[node] = reason
+
+    def site(node: int) -> str:
+        return names.get(node, f"node {node}")
+
     nodes = dict.fromkeys(m.metadata.dst_node_id for m in messages)  # in order, once each
-    silent = [names.get(node, f"node {node}") for node in nodes if node not in answered]
-    return problems + [f"{name} did not reply within round-timeout" for name in silent]
+    silent = [node for node in nodes if node not in answered]
+    return [f"{site(node)}: {error_summary(reason)}" for node, reason in reasons.items()] + [
+        f"{site(node)} did not reply within round-timeout" for node in silent
+    ]
 
 
 def secure_training(
