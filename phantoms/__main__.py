@@ -10,8 +10,10 @@ field of view, vessel density), so that the federation is non-IID. With
 container's input and the reference masks; --name renames a single case.
 
 --family randomised (default; training data: every structure's look drawn at random per
-case), reference (one fixed 3DRA-like look per site: the held-out test set, the sample) or
-independent (another generator, for evaluation only); see phantoms.dataset.
+case), randomised-cone (the same cases with the cone beam's shading, truncation rim and scalp
+band: a candidate for the next version), reference (one fixed 3DRA-like look per site: the
+held-out test set, the sample) or independent (another generator, for evaluation only); see
+phantoms.dataset.
 
 --annotation full (default) | major | sparse, one mode for every site or one per site
 (e.g. ``--sites 3 --annotation full full major``): major labels the vessels at least

@@ -16,7 +16,8 @@ Every case's seed derives from (seed, site, case index) only, so a case can be r
 alone and adding sites or cases never changes the others.
 
 Three families of phantoms (``family``): ``randomised`` (the default, for training:
-:mod:`phantoms.randomised`, the vessel model with every look drawn at random), ``reference``
+:mod:`phantoms.randomised`, the vessel model with every look drawn at random; with
+``randomised-cone`` the same cases with the cone beam's artefacts too), ``reference``
 (:mod:`phantoms.generator`, one fixed 3DRA-like look per site: the project's held-out test
 set and the bundled sample) and ``independent`` (:mod:`phantoms.independent`, other code and
 another model of anatomy and imaging, for evaluation only: never train or tune on it).
@@ -47,11 +48,12 @@ from phantoms.randomised import generate_randomised
 CHANNEL_NAMES = {"0": "3DRA"}
 LABELS = {"background": 0, "vessel": 1}
 FILE_ENDING = ".nii.gz"
-FAMILIES = ("randomised", "reference", "independent")
-FAMILY_VERSIONS = {"randomised": 2, "reference": 1, "independent": 1}
+FAMILIES = ("randomised", "randomised-cone", "reference", "independent")
+FAMILY_VERSIONS = {"randomised": 2, "randomised-cone": 1, "reference": 1, "independent": 1}
 """Raised with every change to a family's generator that alters the case a seed draws, and
 recorded in ``dataset.json``: data of an older version is another dataset (randomised 2: air
-past the skin, cancellous bone, a heavy-tailed point-spread)."""
+past the skin, cancellous bone, a heavy-tailed point-spread; randomised-cone 1: randomised 2
+with shading, a truncation rim and a scalp band)."""
 
 
 def generate_family_case(
@@ -59,8 +61,9 @@ def generate_family_case(
 ) -> tuple[sitk.Image, sitk.Image]:
     """One case of ``family`` as (16-bit image, uint8 label); the independent family has no
     site profiles."""
-    if family == "randomised":
-        return generate_randomised(shape, seed, spacing, profile).to_sitk()
+    if family.startswith("randomised"):
+        cone_beam = family == "randomised-cone"
+        return generate_randomised(shape, seed, spacing, profile, cone_beam=cone_beam).to_sitk()
     if family == "reference":
         return generate_case(shape, seed, spacing, profile)
     if family == "independent":

@@ -21,7 +21,14 @@ draws, independently:
   point-spread with, in half the cases, a heavy tail (detector glare, scatter), white or
   correlated noise with a signal-dependent part, Rician noise, streaks, a multiplicative bias
   field, a gamma, the reconstruction cylinder or sphere filled with a constant at the
-  minimum, and a random linear map to 16-bit values.
+  minimum, and a random linear map to 16-bit values;
+* with ``cone_beam`` (the family ``randomised-cone``, a candidate for the next version, not
+  yet trained on: README, Pilot), the cone beam's own artefacts: additive low-frequency
+  shading (scatter and cupping raise whole regions of tissue by up to half the vessel
+  contrast, so that a vessel in a dark region is no brighter than the tissue of a bright
+  one), a bright truncation rim inside the reconstruction's edge, and a scalp band under the
+  skin where air is in view. They draw from a stream of their own: the same seed draws the
+  same case, artefacts aside.
 
 Intensities are drawn on a unit scale (tissue 0.2-0.6, vessel contrast 0.15-1.2 above it), so
 that the vessels are sometimes barely above tissue and no global threshold segments them; the
@@ -65,6 +72,11 @@ CANCELLOUS_SHARE = 0.5
 """Bone structures whose interior is cancellous: marrow spaces between trabeculae."""
 MAX_VESSEL_FRACTION = 0.03
 """No further tree is added once the lumen fills this fraction of the volume (3DRA: 1-3 %)."""
+SHADING_SHARE = 0.5
+"""Randomised cases with additive low-frequency shading (:func:`_shading`)."""
+TRUNCATION_SHARE = 0.5
+"""Randomised cases with a field of view whose edge carries a truncation rim
+(:func:`_truncation_rim`)."""
 
 
 # -- vessels ------------------------------------------------------------------------------
@@ -402,6 +414,11 @@ def _head(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
     """Inside the head (1) against air (0), ramped over a voxel: a sphere of head size (70-100
     mm) whose surface crosses the volume so that 10-60 % of it is air. Wide or
     off-centre reconstructions hold that much air; the median of such a case falls in air."""
+    return _ramp(_skin_depth(shape, spacing, rng))
+
+
+def _skin_depth(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
+    """The depth (voxels) below the skin of :func:`_head`'s sphere; negative in air."""
     radius = rng.uniform(70.0, 100.0) / spacing
     normal = rng.standard_normal(3)
     normal /= np.linalg.norm(normal)
@@ -413,7 +430,35 @@ def _head(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
     depth = float(np.quantile(along[::4, ::4, ::4], 1 - rng.uniform(0.1, 0.6)))
     centre = centre_of_volume + normal * (depth - radius)
     distance = np.sqrt(sum((gi - UNIT(c)) ** 2 for gi, c in zip(g, centre)))
-    return _ramp(UNIT(radius) - distance)
+    return UNIT(radius) - distance
+
+
+def _shading(shape, contrast: float, rng: np.random.Generator) -> np.ndarray:
+    """Additive low-frequency shading: scatter and cupping that the cone-beam reconstruction
+    leaves. Unlike the multiplicative bias field it shifts tissue and vessel alike, so that
+    a vessel keeps its contrast to the tissue around it but not to the tissue elsewhere: in
+    a raised region the tissue reaches the level of vessels in a dark one (std 0.1-0.3 of the
+    vessel contrast, over a quarter to two thirds of the volume's side)."""
+    cell = min(shape) * rng.uniform(0.25, 0.65)
+    return UNIT(contrast * rng.uniform(0.1, 0.3)) * SmoothField(shape, cell, rng).full()
+
+
+def _truncation_rim(fov: np.ndarray, contrast: float, rng: np.random.Generator) -> np.ndarray:
+    """A bright rim inside the reconstruction's edge, fading inwards over 1-8 voxels: the
+    head is wider than the detector, and the projections' cut-off lifts the values the
+    reconstruction puts at its edge. A curved sheet of up to a vessel's brightness, cut by
+    the field of view, which is not a vessel."""
+    depth = ndimage.distance_transform_edt(fov).astype(UNIT) - 1
+    width = UNIT(rng.uniform(1.0, 8.0))
+    return UNIT(contrast * rng.uniform(0.2, 1.0)) * np.exp(-depth / width) * fov
+
+
+def _scalp(depth: np.ndarray, spacing: float, tissue: float, contrast: float, rng) -> tuple:
+    """The band under the skin (scalp and temporal muscle, 2-8 mm) and its level: tissue
+    from a little darker (fat) to brighter than the brain, never a vessel's level."""
+    thickness = UNIT(rng.uniform(2.0, 8.0) / spacing)
+    band = _ramp(depth) - _ramp(depth - thickness)
+    return band, tissue + contrast * rng.uniform(-0.2, 0.6)
 
 
 def _quantise(
@@ -438,6 +483,7 @@ def generate_randomised(
     spacing: float = 0.227,
     profile: SiteProfile | None = None,
     dtype: type[np.integer] = np.int16,
+    cone_beam: bool = False,
 ) -> Phantom:
     """One domain-randomised case (see the module docstring); same seed, same voxels.
 
@@ -477,16 +523,25 @@ def generate_randomised(
     else:
         image += vessel_level * signal
     streak_sources = tree.aneurysm_centres[:1] + _bright_points(structures)
+    cone_rng = np.random.default_rng([seed, 0xC0B]) if cone_beam else None
     if air_rng.random() < OUTSIDE_HEAD_SHARE:
-        head = _head(shape, spacing, air_rng)
+        depth = _skin_depth(shape, spacing, air_rng)
+        head = _ramp(depth)
         _paint(image, 1 - head, tissue - contrast * air_rng.uniform(0.5, 3.0))
         label &= head >= 0.5
+        if cone_rng is not None:
+            band, level = _scalp(depth, spacing, tissue, contrast, cone_rng)
+            _paint(image, band * clearance, level)  # kept out of the lumen, as bone is
     if tail_rng.random() < PSF_TAIL_SHARE:  # before the core blur and the noise: they commute
         _add_psf_tail(image, spacing, tail_rng)
+    if cone_rng is not None and cone_rng.random() < SHADING_SHARE:
+        image += _shading(shape, contrast, cone_rng)
     _acquire(image, anatomy, spacing, contrast, streak_sources, rng)
     fov = _field_of_view(shape, rng)
     if fov is not None:
         label &= np.broadcast_to(fov, shape)
+        if cone_rng is not None and cone_rng.random() < TRUNCATION_SHARE:  # after the noise
+            image += _truncation_rim(fov, contrast, cone_rng)
     origin, direction = random_geometry(shape, spacing, rng)
     return Phantom(
         image=_quantise(image, fov, rng, dtype),

@@ -13,7 +13,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from phantoms import write_dataset
+from phantoms import randomised, write_dataset
 from phantoms.randomised import (
     MAX_VESSEL_FRACTION,
     OUTSIDE_HEAD_SHARE,
@@ -22,6 +22,10 @@ from phantoms.randomised import (
     _clearance,
     _head,
     _marrow_spaces,
+    _scalp,
+    _shading,
+    _skin_depth,
+    _truncation_rim,
     generate_randomised,
 )
 
@@ -91,6 +95,12 @@ def test_family_is_recorded_and_chosen_on_the_command_line(tmp_path: Path) -> No
         assert json.loads((root / "dataset.json").read_text())["phantom"]["family"] == family
     name = "imagesTr/case_000_0000.nii.gz"
     assert (randomised / name).read_bytes() != (reference / name).read_bytes()
+    cone = write_dataset(tmp_path / "c", 1, (32, 32, 32), seed=1, family="randomised-cone")[0]
+    assert json.loads((cone / "dataset.json").read_text())["phantom"]["family"] == "randomised-cone"
+    label = "labelsTr/case_000.nii.gz"
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(cone / label))).tolist() == (
+        sitk.GetArrayFromImage(sitk.ReadImage(str(randomised / label))).tolist()
+    )
     with pytest.raises(ValueError, match="family"):
         write_dataset(tmp_path / "x", 1, (32, 32, 32), family="other")
     out = tmp_path / "independent"
@@ -176,3 +186,56 @@ def test_cancellous_bone_has_marrow_spaces_inside_a_solid_cortex() -> None:
         # spaces between trabeculae, not one cavity: a line through the marrow crosses several
         line = holes[12:28, 12:28, 4:36] > 0.5
         assert np.abs(np.diff(line.astype(int), axis=-1)).sum(-1).mean() >= 2
+
+
+def test_shading_raises_regions_of_tissue_by_a_share_of_the_vessel_contrast() -> None:
+    """Low-frequency and additive: across the volume it moves tissue by a sizeable share of
+    the contrast (so no global level separates vessel from tissue), between neighbouring
+    voxels by almost nothing (so each vessel stays above the tissue around it)."""
+    contrast = 0.5
+    for seed in range(6):
+        shading = _shading((48, 48, 48), contrast, np.random.default_rng(seed))
+        spread = np.percentile(shading, 95) - np.percentile(shading, 5)
+        assert 0.1 * contrast < spread < 1.5 * contrast, spread
+        assert np.abs(np.diff(shading, axis=0)).max() < 0.05 * contrast
+
+
+def test_a_truncation_rim_is_brightest_at_the_edge_and_fades_inwards() -> None:
+    g = np.ogrid[:1, :48, :48]
+    fov = ((g[1] - 23.5) ** 2 + (g[2] - 23.5) ** 2) <= 22.0**2  # a cylinder along z
+    depth = ndimage.distance_transform_edt(fov)
+    for seed in range(6):
+        rim = np.broadcast_to(_truncation_rim(fov, 0.5, np.random.default_rng(seed)), fov.shape)
+        assert rim[~fov].max() == 0
+        edge, deep = rim[depth == 1], rim[depth >= 12]
+        assert edge.min() >= 0.1 and edge.max() <= 0.5
+        assert deep.max() < 0.5 * edge.min()
+
+
+def test_a_scalp_band_lies_under_the_skin_at_a_tissue_level() -> None:
+    depth = _skin_depth((48, 48, 48), 0.227, np.random.default_rng(1))
+    for seed in range(6):
+        band, level = _scalp(depth, 0.227, 0.3, 0.5, np.random.default_rng(seed))
+        assert band[depth < -1].max() == 0 and band[depth > 8 / 0.227 + 1].max() == 0
+        assert band[(depth > 1) & (depth < 2 / 0.227 - 1)].min() == 1
+        assert 0.3 - 0.1 <= level <= 0.3 + 0.3
+
+
+def test_cone_beam_artefacts_are_drawn_only_when_asked_and_keep_the_label(monkeypatch) -> None:
+    """``cone_beam`` draws each artefact in some cases, from a stream of its own: without it
+    the family is what it was; with it the label is the same."""
+    drawn = {"_shading": 0, "_truncation_rim": 0, "_scalp": 0}
+    for name in drawn:
+        original = getattr(randomised, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            drawn[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(randomised, name, counted)
+    plain = [generate_randomised((48, 48, 48), seed=s) for s in range(24)]
+    assert drawn == {"_shading": 0, "_truncation_rim": 0, "_scalp": 0}
+    cone = [generate_randomised((48, 48, 48), seed=s, cone_beam=True) for s in range(24)]
+    assert min(drawn.values()) > 0, drawn
+    assert all(np.array_equal(a.label, b.label) for a, b in zip(plain, cone))
+    assert sum(not np.array_equal(a.image, b.image) for a, b in zip(plain, cone)) >= 6
