@@ -65,7 +65,7 @@ REFERENCE_SHARE = 0.5
 likewise mixes domain-randomised volumes with ones of a realistic look. At 0.3 the pilot's
 model drew the reference family's vessels a voxel too wide (README, Pilot)."""
 OUTSIDE_HEAD_SHARE = 0.2
-"""Randomised cases whose field of view reaches past the skin into air (:func:`_head`)."""
+"""Randomised cases whose field of view reaches past the skin into air (:func:`_skin_depth`)."""
 PSF_TAIL_SHARE = 0.5
 """Randomised cases whose point-spread has a heavy tail (:func:`_add_psf_tail`)."""
 CANCELLOUS_SHARE = 0.5
@@ -410,15 +410,11 @@ def _add_psf_tail(image: np.ndarray, spacing: float, rng: np.random.Generator) -
     image += share * tail
 
 
-def _head(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
-    """Inside the head (1) against air (0), ramped over a voxel: a sphere of head size (70-100
-    mm) whose surface crosses the volume so that 10-60 % of it is air. Wide or
-    off-centre reconstructions hold that much air; the median of such a case falls in air."""
-    return _ramp(_skin_depth(shape, spacing, rng))
-
-
 def _skin_depth(shape, spacing: float, rng: np.random.Generator) -> np.ndarray:
-    """The depth (voxels) below the skin of :func:`_head`'s sphere; negative in air."""
+    """The depth (voxels) below the skin, negative in air (``_ramp`` of it: inside the head
+    against air, ramped over a voxel): a sphere of head size (70-100 mm) whose surface crosses
+    the volume so that 10-60 % of it is air. Wide or off-centre reconstructions hold that much
+    air; the median of such a case falls in air."""
     radius = rng.uniform(70.0, 100.0) / spacing
     normal = rng.standard_normal(3)
     normal /= np.linalg.norm(normal)
@@ -453,7 +449,9 @@ def _truncation_rim(fov: np.ndarray, contrast: float, rng: np.random.Generator) 
     return UNIT(contrast * rng.uniform(0.2, 1.0)) * np.exp(-depth / width) * fov
 
 
-def _scalp(depth: np.ndarray, spacing: float, tissue: float, contrast: float, rng) -> tuple:
+def _scalp(
+    depth: np.ndarray, spacing: float, tissue: float, contrast: float, rng: np.random.Generator
+) -> tuple[np.ndarray, float]:
     """The band under the skin (scalp and temporal muscle, 2-8 mm) and its level: tissue
     from a little darker (fat) to brighter than the brain, never a vessel's level."""
     thickness = UNIT(rng.uniform(2.0, 8.0) / spacing)
