@@ -192,7 +192,7 @@ def step_times(args, work: Path) -> dict:
         "network": "full width (base_channels 16, HSCA, MSFE), batch 2",
         "seconds_per_step": times,
         "threads": torch.get_num_threads(),
-        "bf16_native": cpu_supports_bf16(),
+        "bf16_training": cpu_supports_bf16(),  # autocast "auto" trains in bf16
     }
 
 

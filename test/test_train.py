@@ -262,6 +262,15 @@ def test_cpu_bf16_training_is_refused_where_its_gradients_are_wrong():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16  # inference-only use is fine
 
 
+def test_cpu_training_takes_bf16_only_with_amx(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("train.task.cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
+    assert autocast_dtype("auto", cpu, 64) == torch.bfloat16
+    monkeypatch.setattr("train.task.cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
+    assert autocast_dtype("auto", cpu, 64) is None  # slower than fp32 without AMX
+    assert autocast_dtype("bf16", cpu, 64) == torch.bfloat16  # asked for, still given
+
+
 def test_gpu_training_takes_bf16_only_where_native_and_scales_fp16_losses(monkeypatch):
     """A T4 or V100 emulates bf16 (torch's is_bf16_supported() still says yes): fp16 there,
     with the loss scaled so that small gradients survive; bf16 from Ampere on."""
