@@ -262,12 +262,16 @@ def test_cpu_bf16_training_is_refused_where_its_gradients_are_wrong():
     assert autocast_dtype("bf16", cpu) == torch.bfloat16  # inference-only use is fine
 
 
-def test_cpu_training_takes_bf16_only_with_amx(monkeypatch):
+def test_cpu_training_takes_bf16_only_with_amx_and_validation_wherever_native(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("train.task.cpu_flags", lambda: frozenset({"avx512_bf16", "amx_bf16"}))
     assert autocast_dtype("auto", cpu, 64) == torch.bfloat16
+    assert autocast_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr("train.task.cpu_flags", lambda: frozenset({"avx512_bf16", "avx512_vnni"}))
     assert autocast_dtype("auto", cpu, 64) is None  # slower than fp32 without AMX
+    assert autocast_dtype("auto", cpu) == torch.bfloat16  # the forward pass alone is faster
+    monkeypatch.setattr("train.task.cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert autocast_dtype("auto", cpu, 64) is None and autocast_dtype("auto", cpu) is None
     assert autocast_dtype("bf16", cpu, 64) == torch.bfloat16  # asked for, still given
 
 

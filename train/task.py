@@ -40,12 +40,15 @@ class FitResult:
     seconds: float
 
 
-def cpu_supports_bf16() -> bool:
-    """True where bf16 trains faster than fp32 on the CPU: with AMX tiles. AVX512-BF16 alone
-    only speeds dot products, and oneDNN's reorders around them cost more: a 64^3 step (batch
-    2, base 16) took 3.1-4.1 s in bf16 against 2.3-2.9 s in fp32 channels-last on a Xeon with
-    AVX512-BF16 and VNNI but no AMX (torch 2.13, 2 threads)."""
-    return "amx_bf16" in cpu_flags()
+def cpu_bf16_faster(training: bool) -> bool:
+    """True where bf16 autocast outruns fp32 on this CPU. Inference: with native bf16 (AVX512-BF16
+    or AMX). Training: with AMX tiles only; AVX512-BF16 alone speeds the dot products, and
+    oneDNN's reorders around them in the backward pass cost more. On a Xeon with AVX512-BF16
+    and VNNI but no AMX (torch 2.13, 2 threads), a 64^3 training step (batch 2, base 16) took
+    3.1-4.1 s in bf16 against 2.3-2.9 s in fp32 channels-last (a site's round: 150-208 s
+    against 115-141 s), while a site's validation of fold 1's three cases took 30-37 s in bf16
+    against 49-54 s in fp32."""
+    return bool(({"amx_bf16"} if training else {"avx512_bf16", "amx_bf16"}) & cpu_flags())
 
 
 def training_device() -> torch.device:
@@ -69,9 +72,10 @@ def autocast_dtype(
 
     "auto" picks, on a GPU, what the container picks (:func:`cuda_autocast_dtype`: bf16 from
     compute capability 8.0, fp16 before, e.g. a T4 or V100, whose bf16 is emulated; :func:`fit`
-    scales fp16 losses), and on a CPU bf16 where AMX runs it (:func:`cpu_supports_bf16`), fp32
-    elsewhere. For CPU training with ``training_patch`` where bf16 gradients are
-    wrong (:func:`cpu_bf16_backward_safe`), "auto" falls back to fp32 and "bf16" is an error.
+    scales fp16 losses), and on a CPU bf16 where it is the faster (:func:`cpu_bf16_faster`,
+    which differs for training, given ``training_patch``, and for validation), else fp32. For
+    CPU training with ``training_patch`` where bf16 gradients are wrong
+    (:func:`cpu_bf16_backward_safe`), "auto" falls back to fp32 and "bf16" is an error.
     """
     if precision == "fp32":
         return None
@@ -89,7 +93,8 @@ def autocast_dtype(
         return torch.bfloat16
     if device.type == "cuda":
         return cuda_autocast_dtype()
-    return torch.bfloat16 if cpu_supports_bf16() and not cpu_unsafe else None
+    faster = cpu_bf16_faster(training=training_patch is not None)
+    return torch.bfloat16 if faster and not cpu_unsafe else None
 
 
 def training_memory_format(
