@@ -285,6 +285,37 @@ def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, m
     assert main(["--root", str(tmp_path), "train", "fold0"]) == 0 and len(calls) == 1
 
 
+def test_a_fold_that_reached_a_smaller_round_cap_trains_further(tmp_path, monkeypatch):
+    # Fold 1 still gained at 1e-4 when the 100-round cap ended it: under the larger cap it
+    # resumes from its checkpoint; once it reaches the new cap (or has no checkpoint) it is done.
+    from train.checkpoint import save_checkpoint
+    from train.config import TrainConfig
+    from train.server_app import initial_arrays
+
+    calls = []
+    monkeypatch.setattr(study_runs, "python", lambda *args: calls.append(args))
+    paths = StudyPaths.at(tmp_path)
+    write_weights(paths.weights(FOLDS), folds=2, fitted=False)
+    folder = study_runs.checkpoint_folder(paths, "fold1")
+    folder.mkdir(parents=True)
+    config = TrainConfig.from_run_config({"base-channels": 4, "num-rounds": 100})
+    state = RunState(config=config.to_run_config(), round=100, best_round=96, best_dice=0.86)
+    state.rounds_without_improvement, state.lr_drops_done = 4, 1
+    state.stop_reason = "num-rounds reached"
+    arrays = initial_arrays(config)
+    save_checkpoint(folder, state, arrays, arrays)
+    assert study_runs.unfinished(paths) == ["fold1"]
+    assert main(["--root", str(tmp_path), "train", "fold1"]) == 0
+    assert len(calls) == 1 and f"num-rounds={study_runs.MAX_ROUNDS}" in calls[0][-1]
+    state.round = state.config["num-rounds"] = study_runs.MAX_ROUNDS  # the new cap reached
+    write_state(folder, state)
+    assert study_runs.unfinished(paths) == []
+    state.round = state.config["num-rounds"] = 100
+    write_state(folder, state)
+    (folder / state.global_file).unlink()  # a fresh clone: only state.json is committed
+    assert main(["--root", str(tmp_path), "train", "fold1"]) == 0 and len(calls) == 1
+
+
 def test_data_of_an_older_generator_version_stops_the_study(tmp_path):
     paths = StudyPaths.at(tmp_path)
     site = paths.data / "federation" / "site1"
