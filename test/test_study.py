@@ -253,9 +253,9 @@ def test_a_run_whose_fold_is_exported_is_not_trained_again(tmp_path, capsys):
     assert not (tmp_path / "runs" / "folds" / "train").exists()
 
 
-def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, monkeypatch):
-    # Fold 0 stopped at its first plateau before the study had lr-drops: with its checkpoint
-    # here it goes on (and park would pause it); without it (a fresh clone) it stays trained.
+def stopped_fold(tmp_path, monkeypatch, name, settings, **fields):
+    """A study whose fold ``name`` is exported and whose checkpoint (width 4, ``settings``)
+    stopped as ``fields`` say; ``python -m train`` calls are recorded, not run."""
     from train.checkpoint import save_checkpoint
     from train.config import TrainConfig
     from train.server_app import initial_arrays
@@ -263,15 +263,30 @@ def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, m
     calls = []
     monkeypatch.setattr(study_runs, "python", lambda *args: calls.append(args))
     paths = StudyPaths.at(tmp_path)
-    write_weights(paths.weights(FOLDS), folds=1, fitted=False)
-    folder = study_runs.checkpoint_folder(paths, "fold0")
+    write_weights(paths.weights(FOLDS), folds=study_runs.RUNS[name].fold + 1, fitted=False)
+    folder = study_runs.checkpoint_folder(paths, name)
     folder.mkdir(parents=True)
-    config = TrainConfig.from_run_config({"base-channels": 4, "patience": 10})
-    state = RunState(config=config.to_run_config(), round=28, best_round=18, best_dice=0.66)
-    state.rounds_without_improvement = 10
-    state.stop_reason = "no better validation Dice for 10 rounds"
+    config = TrainConfig.from_run_config({"base-channels": 4, **settings})
+    state = RunState(config=config.to_run_config(), **fields)
     arrays = initial_arrays(config)
     save_checkpoint(folder, state, arrays, arrays)
+    return paths, calls, folder, state
+
+
+def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, monkeypatch):
+    # Fold 0 stopped at its first plateau before the study had lr-drops: with its checkpoint
+    # here it goes on (and park would pause it); without it (a fresh clone) it stays trained.
+    paths, calls, folder, state = stopped_fold(
+        tmp_path,
+        monkeypatch,
+        "fold0",
+        {"patience": 10},
+        round=28,
+        best_round=18,
+        best_dice=0.66,
+        rounds_without_improvement=10,
+        stop_reason="no better validation Dice for 10 rounds",
+    )
     assert study_runs.unfinished(paths) == ["fold0"]
     assert main(["--root", str(tmp_path), "train", "fold0"]) == 0
     assert len(calls) == 1 and "lr-drops=1" in calls[0][-1]
@@ -288,22 +303,18 @@ def test_a_fold_stopped_before_its_learning_rate_drop_trains_further(tmp_path, m
 def test_a_fold_that_reached_a_smaller_round_cap_trains_further(tmp_path, monkeypatch):
     # Fold 1 still gained at 1e-4 when the 100-round cap ended it: under the larger cap it
     # resumes from its checkpoint; once it reaches the new cap (or has no checkpoint) it is done.
-    from train.checkpoint import save_checkpoint
-    from train.config import TrainConfig
-    from train.server_app import initial_arrays
-
-    calls = []
-    monkeypatch.setattr(study_runs, "python", lambda *args: calls.append(args))
-    paths = StudyPaths.at(tmp_path)
-    write_weights(paths.weights(FOLDS), folds=2, fitted=False)
-    folder = study_runs.checkpoint_folder(paths, "fold1")
-    folder.mkdir(parents=True)
-    config = TrainConfig.from_run_config({"base-channels": 4, "num-rounds": 100})
-    state = RunState(config=config.to_run_config(), round=100, best_round=96, best_dice=0.86)
-    state.rounds_without_improvement, state.lr_drops_done = 4, 1
-    state.stop_reason = "num-rounds reached"
-    arrays = initial_arrays(config)
-    save_checkpoint(folder, state, arrays, arrays)
+    paths, calls, folder, state = stopped_fold(
+        tmp_path,
+        monkeypatch,
+        "fold1",
+        {"num-rounds": 100},
+        round=100,
+        best_round=96,
+        best_dice=0.86,
+        rounds_without_improvement=4,
+        lr_drops_done=1,
+        stop_reason="num-rounds reached",
+    )
     assert study_runs.unfinished(paths) == ["fold1"]
     assert main(["--root", str(tmp_path), "train", "fold1"]) == 0
     assert len(calls) == 1 and f"num-rounds={study_runs.MAX_ROUNDS}" in calls[0][-1]
